@@ -1,0 +1,1 @@
+"""attenuation: CNN filter pruning by filter attenuation."""

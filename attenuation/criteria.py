@@ -1,0 +1,95 @@
+"""Filter-importance criteria: each maps the prunable layers to one flat float32 score per filter
+(lower = weaker). Add your own with :func:`register_criterion`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .layers import PrunableLayer
+
+
+@dataclass
+class CriterionContext:
+    layers: Sequence[PrunableLayer]
+    removed: Tensor                 # flat bool, the filters removed so far
+    generator: torch.Generator      # CPU generator owned (and checkpointed) by the pruner
+    backend: Optional[str] = None
+
+
+Criterion = Callable[[CriterionContext], Tensor]
+_CRITERIA: dict[str, Criterion] = {}
+
+
+def register_criterion(name: str) -> Callable[[Criterion], Criterion]:
+    """Decorator: ``@register_criterion("mine")`` makes ``criterion="mine"`` usable everywhere."""
+    def add(fn: Criterion) -> Criterion:
+        _CRITERIA[name] = fn
+        return fn
+    return add
+
+
+def available_criteria() -> list[str]:
+    return sorted(_CRITERIA)
+
+
+def get_criterion(name: str) -> Criterion:
+    try:
+        return _CRITERIA[name]
+    except KeyError:
+        raise ValueError(f"unknown criterion {name!r}: available are "
+                         f"{', '.join(available_criteria())}") from None
+
+
+@register_criterion("l1")
+def l1_norm(ctx: CriterionContext) -> Tensor:
+    return ops.filter_norms([layer.conv.weight for layer in ctx.layers], "l1", ctx.backend)
+
+
+@register_criterion("l2")
+def l2_norm(ctx: CriterionContext) -> Tensor:
+    return ops.filter_norms([layer.conv.weight for layer in ctx.layers], "l2", ctx.backend)
+
+
+@register_criterion("fpgm")
+def geometric_median(ctx: CriterionContext) -> Tensor:
+    """FPGM (He et al. 2019): a filter close to the others (near their geometric median) is
+    replaceable. Score = sum of Euclidean distances to the layer's other non-removed filters."""
+    scores, start = [], 0
+    for layer in ctx.layers:
+        rows = layer.conv.weight.detach().flatten(1).float()
+        live = ~ctx.removed[start:start + rows.shape[0]]
+        distances = torch.cdist(rows, rows)
+        scores.append((distances * live.float().unsqueeze(0)).sum(1))
+        start += rows.shape[0]
+    return torch.cat(scores)
+
+
+@register_criterion("bn")
+def bn_scale(ctx: CriterionContext) -> Tensor:
+    """|gamma| of the BatchNorm following each conv (network slimming, Liu et al. 2017)."""
+    missing = [layer.name for layer in ctx.layers if layer.bn is None or layer.bn.weight is None]
+    if missing:
+        raise ValueError(f"criterion 'bn' needs an affine BatchNorm2d after every pruned conv; "
+                         f"none follows: {', '.join(missing)}")
+    return torch.cat([layer.bn.weight.detach().float().abs() for layer in ctx.layers])
+
+
+@register_criterion("taylor")
+def first_order_taylor(ctx: CriterionContext) -> Tensor:
+    """First-order Taylor estimate of the loss change (Molchanov et al. 2019): sum |w * dL/dw|."""
+    missing = [layer.name for layer in ctx.layers if layer.conv.weight.grad is None]
+    if missing:
+        raise RuntimeError(f"criterion 'taylor' needs gradients, but these convs have none: "
+                           f"{', '.join(missing)} (step the pruner after backward())")
+    return torch.cat([(layer.conv.weight.detach() * layer.conv.weight.grad).float().abs().flatten(1).sum(1)
+                      for layer in ctx.layers])
+
+
+@register_criterion("random")
+def random_scores(ctx: CriterionContext) -> Tensor:
+    """A control: uniformly random importance."""
+    return torch.rand(ctx.removed.numel(), generator=ctx.generator).to(ctx.removed.device)

@@ -1,0 +1,116 @@
+"""The drop-in ``AttenuatedConv2d`` and the swap that puts it into any model."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+
+
+class AttenuatedConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` that computes only its live output channels from its live input channels.
+
+    Same constructor, parameters and state_dict keys as ``nn.Conv2d`` (plus the ``live_out`` and
+    ``live_in`` masks, which a plain Conv2d state_dict may lack: they then default to all live).
+    Dead output channels are written as zeros. With every channel live it runs the dense
+    convolution, so it computes exactly what ``nn.Conv2d`` does. The masks change only through
+    :meth:`set_live`, which caches the index lists so that forward never synchronises.
+    """
+
+    def __init__(self, *args, backend: Optional[str] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+        self.register_buffer("live_out", torch.ones(self.out_channels, dtype=torch.bool,
+                                                    device=self.weight.device))
+        self.register_buffer("live_in", None)
+        self._out_index: Optional[Tensor] = None
+        self._in_index: Optional[Tensor] = None
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, backend: Optional[str] = None) -> "AttenuatedConv2d":
+        """The same convolution, sharing ``conv``'s Parameter objects (optimizers stay valid)."""
+        with torch.device("meta"):
+            new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                      padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                      bias=conv.bias is not None, padding_mode=conv.padding_mode, backend=backend)
+        new.weight = conv.weight
+        new.bias = conv.bias
+        new.live_out = torch.ones(conv.out_channels, dtype=torch.bool, device=conv.weight.device)
+        new.train(conv.training)
+        return new
+
+    def set_live(self, live_out: Optional[Tensor] = None, live_in: Optional[Tensor] = None) -> None:
+        """Set which output / input channels are live (None = all) and cache their index lists.
+
+        Reads the masks on the host once: call it when the masks change, not every step."""
+        out_mask = torch.ones_like(self.live_out) if live_out is None else live_out.to(torch.bool)
+        if out_mask.shape != (self.out_channels,):
+            raise ValueError(f"live_out must have shape ({self.out_channels},), got {tuple(out_mask.shape)}")
+        if live_in is not None and live_in.shape != (self.in_channels,):
+            raise ValueError(f"live_in must have shape ({self.in_channels},), got {tuple(live_in.shape)}")
+        self.live_out = out_mask.to(self.live_out.device).clone()
+        self.live_in = None if live_in is None else live_in.to(self.live_out.device, torch.bool).clone()
+        self._refresh_indices()
+
+    def _refresh_indices(self) -> None:
+        if self.live_out.is_meta:
+            self._out_index = self._in_index = None
+            return
+        masks = [self.live_out] + ([self.live_in] if self.live_in is not None else [])
+        flags = torch.stack([m.all() for m in masks]).tolist()  # one host read for both masks
+        self._out_index = None if flags[0] else self.live_out.nonzero().flatten()
+        self._in_index = (None if self.live_in is None or flags[-1]
+                          else self.live_in.nonzero().flatten())
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._refresh_indices()  # device moves must move the cached index lists too
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        out_key, in_key = prefix + "live_out", prefix + "live_in"
+        state_dict.setdefault(out_key, torch.ones_like(self.live_out))
+        live_in = state_dict.pop(in_key, None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if live_in is not None:
+            self.live_in = live_in.to(self.live_out.device, torch.bool).clone()
+        self._refresh_indices()
+
+    @property
+    def live_fraction(self) -> float:
+        return float(self.live_out.float().mean())
+
+    def forward(self, x: Tensor) -> Tensor:
+        dense = (self._out_index is None and self._in_index is None) or self.groups != 1 \
+            or self.padding_mode != "zeros"
+        if dense:  # removed filters are zero, so the dense result is exact
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                            self.groups) if self.padding_mode == "zeros" else super().forward(x)
+        return ops.masked_conv2d(x, self.weight, self.bias, self._out_index, self._in_index, None,
+                                 self.stride, self.padding, self.dilation, 1, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        live = int(self.live_out.sum())
+        return super().extra_repr() + (f", live={live}/{self.out_channels}" if live < self.out_channels else "")
+
+
+def convert_model(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
+    """Swap every ``nn.Conv2d`` in ``model`` for an ``AttenuatedConv2d`` in place, keeping the very
+    same weight and bias Parameters. Returns ``model``."""
+    found = False
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, AttenuatedConv2d):
+                found = True
+            elif isinstance(child, nn.Conv2d):
+                setattr(parent, name, AttenuatedConv2d.from_conv(child, backend))
+                found = True
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no nn.Conv2d to prune")
+    return model

@@ -1,0 +1,58 @@
+"""Backend registry: a backend is a module-like object with the five op functions.
+
+``reference`` is always registered. Faster backends (``triton``, ``native``) register themselves when
+their package imports; the default per device type is the fastest one registered for it, unless
+:func:`set_default_backend` or the ``ATTENUATION_BACKEND`` environment variable says otherwise.
+"""
+from __future__ import annotations
+
+import os
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+from . import reference
+
+_BACKENDS: dict[str, ModuleType] = {"reference": reference}
+# Per device type, backend names in order of preference.
+_PREFERENCE: dict[str, list[str]] = {"cpu": ["reference"], "cuda": ["reference"]}
+_default_override: Optional[str] = None
+
+
+def register_backend(name: str, implementation, device_types: tuple[str, ...], preferred: bool = True) -> None:
+    """Make ``implementation`` available as ``name``; ``preferred`` puts it first for its devices."""
+    _BACKENDS[name] = implementation
+    for device_type in device_types:
+        order = _PREFERENCE.setdefault(device_type, ["reference"])
+        if name in order:
+            order.remove(name)
+        order.insert(0 if preferred else len(order), name)
+
+
+def available_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def set_default_backend(name: Optional[str]) -> None:
+    """Force a backend for every op that is called without one (None restores the per-device default)."""
+    global _default_override
+    if name is not None and name not in _BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: available are {', '.join(available_backends())}")
+    _default_override = name
+
+
+def default_backend(device: torch.device) -> str:
+    forced = _default_override or os.environ.get("ATTENUATION_BACKEND") or None
+    if forced is not None:
+        return forced
+    return _PREFERENCE.get(device.type, ["reference"])[0]
+
+
+def get_backend(name: Optional[str], device: torch.device):
+    name = name or default_backend(device)
+    try:
+        return _BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"backend {name!r} is not available: available are "
+                         f"{', '.join(available_backends())}") from None

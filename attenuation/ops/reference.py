@@ -1,0 +1,123 @@
+"""Pure-PyTorch reference implementations of the ops: the specification every backend must meet.
+
+Filters of all layers are laid out in one flat vector (layer 0's filters first); ``counts[l]`` is the
+number of filters of layer ``l``. Per-filter state uses ``status`` codes ACTIVE / WEAK / REMOVED.
+None of these functions reads a device value on the host, so they never synchronise.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ACTIVE, WEAK, REMOVED = 0, 1, 2
+
+
+def filter_norms(weights: Sequence[Tensor], ord: str) -> Tensor:
+    """Per-filter norm of every weight (filter = row 0 of the weight), concatenated, float32."""
+    norms = []
+    for w in weights:
+        rows = w.detach().reshape(w.shape[0], -1).float()
+        if ord == "l1":
+            norms.append(rows.abs().sum(1))
+        elif ord == "l2":
+            norms.append(torch.linalg.vector_norm(rows, 2, dim=1))
+        elif ord == "linf":
+            norms.append(rows.abs().amax(1))
+        else:
+            raise ValueError(f"unknown norm {ord!r}: expected 'l1', 'l2' or 'linf'")
+    return torch.cat(norms)
+
+
+def select_weak(scores: Tensor, removed: Tensor, counts: Sequence[int], ks: Tensor) -> Tensor:
+    """Per layer, mark the ``ks[l]`` lowest-scoring filters: removed filters first, then by score,
+    ties broken by lower index. Returns a flat bool mask."""
+    weak = torch.empty_like(removed)
+    start = 0
+    for layer, n in enumerate(counts):
+        s, r = scores[start:start + n], removed[start:start + n]
+        order = torch.sort(s, stable=True).indices                    # by score, then index
+        order = order[torch.sort((~r[order]).to(torch.uint8), stable=True).indices]  # removed first
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(n, device=order.device)
+        weak[start:start + n] = rank < ks[layer]
+        start += n
+    return weak
+
+
+def _scale_filters_(tensors: Sequence[Optional[Tensor]], scale: Tensor) -> None:
+    for t in tensors:
+        if t is not None:
+            with torch.no_grad():
+                t.mul_(scale.to(t.dtype).view(-1, *([1] * (t.dim() - 1))))
+
+
+def attenuate_(weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
+               gammas: Sequence[Optional[Tensor]], betas: Sequence[Optional[Tensor]],
+               weak: Tensor, status: Tensor, multiplier: Tensor, factor: float,
+               eps: float) -> tuple[Tensor, Tensor]:
+    """One attenuation step, in place over the whole model.
+
+    Weak, not yet removed filters are scaled by ``factor`` (weight row, bias, gamma, beta) and their
+    multiplier too; one whose multiplier falls below ``eps`` is zeroed and marked removed. A filter
+    that was weak and is no longer in the weak set returns: active again, multiplier 1.
+    Returns flat bool masks (returned, newly_removed).
+    """
+    was_removed = status == REMOVED
+    hit = weak & ~was_removed
+    new_mult = torch.where(hit, multiplier * factor, 1.0)
+    newly_removed = hit & (new_mult < eps)
+    returned = (status == WEAK) & ~weak
+    removed = was_removed | newly_removed
+    scale = torch.where(removed, 0.0, torch.where(hit, factor, 1.0)).float()
+    start = 0
+    for w, b, g, bt in zip(weights, biases, gammas, betas):
+        n = w.shape[0]
+        _scale_filters_((w, b, g, bt), scale[start:start + n])
+        start += n
+    status.copy_(torch.where(removed, REMOVED, torch.where(weak, WEAK, ACTIVE)).to(status.dtype))
+    multiplier.copy_(torch.where(removed, 0.0, new_mult))
+    return returned, newly_removed
+
+
+def zero_removed_(weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
+                  gammas: Sequence[Optional[Tensor]], betas: Sequence[Optional[Tensor]],
+                  status: Tensor) -> None:
+    """Zero every removed filter (after an optimizer step, momentum or weight decay may move it)."""
+    keep = (status != REMOVED).float()
+    start = 0
+    for w, b, g, bt in zip(weights, biases, gammas, betas):
+        n = w.shape[0]
+        _scale_filters_((w, b, g, bt), keep[start:start + n])
+        start += n
+
+
+def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_index: Optional[Tensor],
+                  in_index: Optional[Tensor], scale: Optional[Tensor], stride, padding, dilation,
+                  groups: int = 1) -> Tensor:
+    """Convolution over the live channels only: gather the live weights (and input channels),
+    convolve the compact problem, apply ``y * scale + bias`` per output channel, scatter into a
+    zero output. ``None`` index = all channels live. Its cost falls with the live fraction."""
+    if groups != 1 and (out_index is not None or in_index is not None):
+        raise ValueError("masked_conv2d: channel index lists need groups == 1")
+    w = weight
+    if in_index is not None:
+        x = x.index_select(1, in_index)
+        w = w.index_select(1, in_index)
+    if out_index is not None:
+        w = w.index_select(0, out_index)
+    y = F.conv2d(x, w, None, stride, padding, dilation, groups)
+    if scale is not None:
+        s = scale if out_index is None else scale.index_select(0, out_index)
+        y = y * s.to(y.dtype).view(1, -1, 1, 1)
+    if bias is not None:
+        b = bias if out_index is None else bias.index_select(0, out_index)
+        y = y + b.to(y.dtype).view(1, -1, 1, 1)
+    if out_index is None:
+        return y
+    out = y.new_zeros((y.shape[0], weight.shape[0], y.shape[2], y.shape[3]))
+    if y.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out.index_copy(1, out_index, y)

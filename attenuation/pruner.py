@@ -1,0 +1,281 @@
+"""The attenuation engine: one rule (DESIGN.md section 1) that runs filter attenuation, hard
+pruning (one-shot or iterative) and Soft Filter Pruning as special cases."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from . import ops
+from .criteria import CriterionContext, get_criterion
+from .layers import PrunableLayer, find_prunable_layers
+from .modules import convert_model
+from .schedule import check_ramp, ramp_ratio, weak_count
+
+SCOPES = ("layer", "global")
+
+
+@dataclass
+class PruningConfig:
+    """Hyperparameters of the rule. ``interval`` counts optimizer steps ("epoch" = once per epoch)."""
+    criterion: str = "l1"
+    ratio: float = 0.5
+    scope: str = "layer"
+    ramp: str = "cubic"
+    factor: float = 0.7
+    eps: float = 0.01
+    interval: Union[int, str] = 20
+    mask_gradients: bool = True
+
+    def validate(self) -> "PruningConfig":
+        get_criterion(self.criterion)
+        check_ramp(self.ramp)
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
+        if not 0.0 <= self.factor <= 1.0:
+            raise ValueError(f"attenuation factor must be in [0, 1], got {self.factor}")
+        if not self.eps >= 0.0:
+            raise ValueError(f"removal threshold eps must be >= 0, got {self.eps}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"unknown scope {self.scope!r}: expected one of {', '.join(SCOPES)}")
+        if self.interval != "epoch" and not (isinstance(self.interval, int) and self.interval >= 1):
+            raise ValueError(f"interval must be a positive number of steps or 'epoch', got {self.interval!r}")
+        return self
+
+
+class Pruner:
+    """Scores, attenuates and removes the filters of every conv of ``model``.
+
+    Usage: ``pruner.start(total_steps)`` at the start of the pruning phase, ``pruner.step()`` after
+    every optimizer step (also during recovery: it keeps removed filters at zero), and
+    ``pruner.finish()`` at the end of the phase, which removes the filters still weak.
+    """
+
+    def __init__(self, model: nn.Module, config: Optional[PruningConfig] = None, *,
+                 ignored_layers: Sequence[str] = (), backend: Optional[str] = None, seed: int = 0):
+        self.config = (config or PruningConfig()).validate()
+        self.backend = backend
+        convert_model(model, backend)
+        self.layers: list[PrunableLayer] = find_prunable_layers(model, ignored_layers)
+        if self.config.criterion == "bn":  # fail now, not at the first step
+            missing = [layer.name for layer in self.layers if layer.bn is None or layer.bn.weight is None]
+            if missing:
+                raise ValueError("criterion 'bn' needs an affine BatchNorm2d after every pruned "
+                                 f"conv; none follows: {', '.join(missing)}")
+        self.counts = [layer.n_filters for layer in self.layers]
+        self.offsets = [0]
+        for n in self.counts:
+            self.offsets.append(self.offsets[-1] + n)
+        device = self.layers[0].conv.weight.device
+        total = self.offsets[-1]
+        self.status = torch.zeros(total, dtype=torch.uint8, device=device)
+        self.multiplier = torch.ones(total, dtype=torch.float32, device=device)
+        self.steps_weak = torch.zeros(total, dtype=torch.int32, device=device)
+        self.returns = torch.zeros(total, dtype=torch.int32, device=device)
+        self.removed_at = torch.full((total,), -1, dtype=torch.int64, device=device)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.steps_done = 0          # optimizer steps seen since start()
+        self.total_steps = 0         # length of the pruning phase in optimizer steps
+        self.interval = 1
+        self.phase = "idle"          # idle -> pruning -> finished
+        self.history: list[Tensor] = []       # status after each attenuation step
+        self.history_steps: list[int] = []
+        self.n_removed = 0           # host copy, refreshed whenever removals may have happened
+        self._layer_of = torch.repeat_interleave(
+            torch.arange(len(self.counts), device=device), torch.tensor(self.counts, device=device))
+        self._hooks = self._register_gradient_masks() if self.config.mask_gradients else []
+
+    # ------------------------------------------------------------------ the phase
+    def start(self, total_steps: int, steps_per_epoch: Optional[int] = None) -> None:
+        """Begin the pruning phase: ``total_steps`` optimizer steps, the ramp reaching the target
+        ratio at its end."""
+        if total_steps < 1:
+            raise ValueError(f"the pruning phase needs at least one step, got {total_steps}")
+        interval = self.config.interval
+        if interval == "epoch":
+            if not steps_per_epoch:
+                raise ValueError("interval 'epoch' needs steps_per_epoch")
+            interval = steps_per_epoch
+        self.interval = min(int(interval), total_steps)
+        self.total_steps = int(total_steps)
+        self.steps_done = 0
+        self.phase = "pruning"
+
+    @property
+    def n_attenuation_steps(self) -> int:
+        return self.total_steps // self.interval if self.total_steps else 0
+
+    def step(self) -> None:
+        """Call after every optimizer step: re-zeroes removed filters and attenuates when due."""
+        if self.n_removed:
+            ops.zero_removed_(*self._filter_tensors(), self.status, backend=self.backend)
+        if self.phase != "pruning":
+            return
+        self.steps_done += 1
+        if self.steps_done % self.interval == 0 and self.steps_done <= self.total_steps:
+            self.attenuation_step()
+
+    def ratio_now(self) -> float:
+        index = self.steps_done // self.interval
+        return ramp_ratio(self.config.ramp, self.config.ratio, index, self.n_attenuation_steps)
+
+    @torch.no_grad()
+    def attenuation_step(self) -> None:
+        """Score, select the weak set, attenuate (DESIGN.md section 1, steps 1-4)."""
+        removed = self.status == ops.REMOVED
+        context = CriterionContext(self.layers, removed, self.generator, self.backend)
+        scores = get_criterion(self.config.criterion)(context).float()
+        ratio = self.ratio_now()
+        if self.config.scope == "global":
+            scores, ks = self._global_weak_counts(scores, removed, ratio)
+        else:
+            ks = [weak_count(ratio, n) for n in self.counts]
+        weak = ops.select_weak(scores, removed, self.counts, ks, backend=self.backend)
+        self._apply(weak, self.config.factor, self.config.eps)
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """End of the pruning phase: every still-weak filter is removed (DESIGN.md step 5)."""
+        self._apply(self.status == ops.WEAK, 0.0, math.inf, count_weak_step=False)
+        self.phase = "finished"
+
+    def _apply(self, weak: Tensor, factor: float, eps: float, count_weak_step: bool = True) -> None:
+        if count_weak_step:
+            self.steps_weak += (weak & (self.status != ops.REMOVED)).int()
+        returned, newly_removed = ops.attenuate_(*self._filter_tensors(), weak, self.status,
+                                                 self.multiplier, factor, eps, backend=self.backend)
+        self.returns += returned.int()
+        self.removed_at = torch.where(newly_removed, self.steps_done, self.removed_at)
+        self.history.append(self.status.clone())
+        self.history_steps.append(self.steps_done)
+        self._refresh_live()
+
+    def _global_weak_counts(self, scores: Tensor, removed: Tensor, ratio: float) -> tuple[Tensor, Tensor]:
+        """One threshold over all layers on scores normalised by each layer's mean live score;
+        every layer keeps at least one filter."""
+        counts = torch.tensor(self.counts, device=scores.device)
+        live = (~removed).float()
+        live_sum = torch.zeros(len(self.counts), device=scores.device).index_add_(0, self._layer_of, scores * live)
+        live_n = torch.zeros(len(self.counts), device=scores.device).index_add_(0, self._layer_of, live)
+        mean = (live_sum / live_n.clamp_min(1)).clamp_min(1e-12)
+        normalised = torch.where(removed, -math.inf, scores / mean[self._layer_of])
+        n_weak = weak_count(ratio, scores.numel())
+        chosen = torch.zeros_like(removed)
+        chosen[torch.sort(normalised, stable=True).indices[:n_weak]] = True
+        ks = torch.zeros(len(self.counts), dtype=torch.int64, device=scores.device)
+        ks.index_add_(0, self._layer_of, chosen.long())
+        return normalised, torch.minimum(ks, counts - 1)
+
+    # ------------------------------------------------------------------ wiring to the model
+    def _filter_tensors(self):
+        weights = [layer.conv.weight for layer in self.layers]
+        biases = [layer.conv.bias for layer in self.layers]
+        gammas = [layer.bn.weight if layer.bn is not None else None for layer in self.layers]
+        betas = [layer.bn.bias if layer.bn is not None else None for layer in self.layers]
+        return weights, biases, gammas, betas
+
+    def _refresh_live(self) -> None:
+        """Push the live masks into the convs (one host read for the whole model)."""
+        removed_per_layer = torch.zeros(len(self.counts), dtype=torch.int64, device=self.status.device)
+        removed_per_layer.index_add_(0, self._layer_of, (self.status == ops.REMOVED).long())
+        removed_per_layer = removed_per_layer.tolist()
+        self.n_removed = sum(removed_per_layer)
+        live = self.keep_masks()
+        for i, layer in enumerate(self.layers):
+            source = layer.source
+            source_live = live[source] if source is not None and removed_per_layer[source] else None
+            layer.conv.set_live(live[i] if removed_per_layer[i] else None, source_live)
+
+    def _register_gradient_masks(self):
+        handles = []
+        for i, layer in enumerate(self.layers):
+            start, end = self.offsets[i], self.offsets[i + 1]
+            for tensor in (layer.conv.weight, layer.conv.bias,
+                           *((layer.bn.weight, layer.bn.bias) if layer.bn is not None else ())):
+                if tensor is not None and tensor.requires_grad:
+                    handles.append(tensor.register_hook(self._gradient_mask(start, end)))
+        return handles
+
+    def _gradient_mask(self, start: int, end: int):
+        def mask(grad: Tensor) -> Tensor:
+            if not self.n_removed:
+                return grad
+            keep = (self.status[start:end] != ops.REMOVED).to(grad.dtype)
+            return grad * keep.view(-1, *([1] * (grad.dim() - 1)))
+        return mask
+
+    def remove_hooks(self) -> None:
+        """Detach the gradient masks (e.g. before physical removal replaces the model)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    # ------------------------------------------------------------------ results
+    def keep_masks(self) -> list[Tensor]:
+        """Per layer, True for the filters not removed (the input to physical removal)."""
+        keep = self.status != ops.REMOVED
+        return [keep[self.offsets[i]:self.offsets[i + 1]] for i in range(len(self.counts))]
+
+    def live_fraction(self) -> float:
+        return 1.0 - self.n_removed / self.offsets[-1]
+
+    def total_returns(self) -> int:
+        return int(self.returns.sum())
+
+    def fates(self) -> list[dict]:
+        """Per layer: each filter's steps weak, returns and the step it was removed at (-1: kept)."""
+        out = []
+        for i, layer in enumerate(self.layers):
+            s = slice(self.offsets[i], self.offsets[i + 1])
+            out.append({"name": layer.name, "steps_weak": self.steps_weak[s].tolist(),
+                        "returns": self.returns[s].tolist(), "removed_at": self.removed_at[s].tolist()})
+        return out
+
+    def status_history(self) -> dict[str, Tensor]:
+        """Per layer name, a (steps, filters) uint8 matrix of statuses after each attenuation step."""
+        if not self.history:
+            return {layer.name: torch.zeros(0, n, dtype=torch.uint8) for layer, n in zip(self.layers, self.counts)}
+        stacked = torch.stack(self.history).cpu()
+        return {layer.name: stacked[:, self.offsets[i]:self.offsets[i + 1]]
+                for i, layer in enumerate(self.layers)}
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        return {
+            "config": dataclasses.asdict(self.config),
+            "layer_names": [layer.name for layer in self.layers],
+            "counts": list(self.counts),
+            "status": self.status.clone(), "multiplier": self.multiplier.clone(),
+            "steps_weak": self.steps_weak.clone(), "returns": self.returns.clone(),
+            "removed_at": self.removed_at.clone(),
+            "generator": self.generator.get_state(),
+            "steps_done": self.steps_done, "total_steps": self.total_steps,
+            "interval": self.interval, "phase": self.phase,
+            "history": torch.stack(self.history) if self.history else None,
+            "history_steps": list(self.history_steps),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        names = [layer.name for layer in self.layers]
+        if state.get("layer_names") != names or state.get("counts") != self.counts:
+            raise ValueError("pruner state is from another model: its layers "
+                             f"{state.get('layer_names')} / {state.get('counts')} do not match "
+                             f"{names} / {self.counts}")
+        if state.get("config") != dataclasses.asdict(self.config):
+            raise ValueError(f"pruner state is from another configuration: {state.get('config')} "
+                             f"!= {dataclasses.asdict(self.config)}")
+        device = self.status.device
+        for key in ("status", "multiplier", "steps_weak", "returns", "removed_at"):
+            getattr(self, key).copy_(state[key].to(device))
+        self.generator.set_state(state["generator"])
+        self.steps_done, self.total_steps = state["steps_done"], state["total_steps"]
+        self.interval, self.phase = state["interval"], state["phase"]
+        history = state["history"]
+        self.history = [] if history is None else [row.to(device) for row in history]
+        self.history_steps = list(state["history_steps"])
+        self._refresh_live()
