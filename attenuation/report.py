@@ -1,0 +1,308 @@
+"""A run's summary.json and its human-readable report.md."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+__all__ = [
+    "SUMMARY_KEYS",
+    "PHASE_KEYS",
+    "format_count",
+    "make_summary",
+    "write_summary",
+    "write_report",
+]
+
+# The exact summary.json schema: top-level key -> its sub-keys (None for a scalar).
+# Iterating yields the top-level keys in the order they are written.
+SUMMARY_KEYS: dict[str, tuple[str, ...] | None] = {
+    "method": None,
+    "criterion": None,
+    "ratio": None,
+    "data_source": None,
+    "device": None,
+    "wall_seconds": None,
+    "baseline": ("accuracy", "params", "macs"),
+    "pruned": ("accuracy", "params", "macs", "latency_ms"),
+    "returns": None,
+    "removed_filters": None,
+}
+
+# Keys a phase row of the report table may carry; all but "phase" may be missing or None.
+PHASE_KEYS = ("phase", "accuracy", "params", "macs", "latency_ms", "seconds")
+_DASH = "—"
+_UNITS = ("", "K", "M", "G", "T")
+
+
+def format_count(n: float) -> str:
+    """A count with a K/M/G/T suffix: 950K, 1.23M, 14.7M, 313.2M.
+
+    Two decimals below 10 of the unit, one above, trailing zeros dropped.
+    """
+    value = float(n)
+    if not math.isfinite(value):
+        raise ValueError(f"cannot format a non-finite count: {n!r}")
+    sign = "-" if value < 0 else ""
+    value = abs(value)
+    for i, unit in enumerate(_UNITS):
+        scaled = value / 1000**i
+        text = f"{scaled:.2f}" if scaled < 10 else f"{scaled:.1f}"
+        # Rounding may carry into the next unit (999_960 -> "1000.0K"): move up then.
+        if float(text) < 1000 or i == len(_UNITS) - 1:
+            return sign + text.rstrip("0").rstrip(".") + unit
+    raise AssertionError("unreachable")
+
+
+def _number(name: str, value, kind: type) -> int | float:
+    """``value`` as a plain, finite Python int or float (numpy and torch scalars accepted)."""
+    if isinstance(value, (bool, str)) or value is None:
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        as_float = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(as_float):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if kind is int:
+        if not as_float.is_integer():
+            raise ValueError(f"{name} must be a whole number, got {value!r}")
+        return int(value)
+    return as_float
+
+
+def _section(
+    name: str, given: Mapping, casts: dict[str, type], optional: tuple[str, ...] = ()
+) -> dict:
+    """The ``casts`` keys of ``given`` as plain numbers; keys in ``optional`` may be None."""
+    if not isinstance(given, Mapping):
+        raise ValueError(f"{name} must be a dict, got {type(given).__name__}")
+    out = {}
+    for key, kind in casts.items():
+        if key not in given:
+            raise ValueError(f"{name} is missing the key {key!r} (has {sorted(given)})")
+        value = given[key]
+        if value is None and key in optional:
+            out[key] = None
+        else:
+            out[key] = _number(f"{name}.{key}", value, kind)
+    return out
+
+
+def make_summary(
+    method: str,
+    criterion: str,
+    ratio: float,
+    data_source: str,
+    device: str,
+    wall_seconds: float,
+    baseline: dict,
+    pruned: dict,
+    returns: int,
+    removed_filters: int,
+) -> dict:
+    """The summary.json content, exactly ``SUMMARY_KEYS``, with plain Python numbers.
+
+    ``baseline`` needs accuracy/params/macs and ``pruned`` also latency_ms (None when
+    not measured); extra keys in either are ignored. Accuracies are in percent.
+    """
+    summary = {
+        "method": str(method),
+        "criterion": str(criterion),
+        "ratio": _number("ratio", ratio, float),
+        "data_source": str(data_source),
+        "device": str(device),
+        "wall_seconds": _number("wall_seconds", wall_seconds, float),
+        "baseline": _section(
+            "baseline", baseline, {"accuracy": float, "params": int, "macs": int}
+        ),
+        "pruned": _section(
+            "pruned",
+            pruned,
+            {"accuracy": float, "params": int, "macs": int, "latency_ms": float},
+            optional=("latency_ms",),
+        ),
+        "returns": _number("returns", returns, int),
+        "removed_filters": _number("removed_filters", removed_filters, int),
+    }
+    _check_keys(summary)
+    return summary
+
+
+def _check_keys(summary: Mapping) -> None:
+    """Raise ValueError unless ``summary`` has exactly the ``SUMMARY_KEYS`` layout."""
+    if set(summary) != set(SUMMARY_KEYS):
+        missing = sorted(set(SUMMARY_KEYS) - set(summary))
+        extra = sorted(set(summary) - set(SUMMARY_KEYS))
+        raise ValueError(
+            f"summary keys differ from SUMMARY_KEYS: missing {missing}, unexpected {extra}"
+        )
+    for key, sub_keys in SUMMARY_KEYS.items():
+        if sub_keys is None:
+            continue
+        section = summary[key]
+        if not isinstance(section, Mapping) or set(section) != set(sub_keys):
+            found = sorted(section) if isinstance(section, Mapping) else type(section).__name__
+            raise ValueError(
+                f"summary[{key!r}] must have exactly the keys {list(sub_keys)}, got {found}"
+            )
+
+
+def _atomic_write_text(path, text: str) -> Path:
+    """Write via a temporary file in the same folder and os.replace, so readers never
+    see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_summary(summary: dict, path) -> Path:
+    """Validate ``summary`` against ``SUMMARY_KEYS`` and write it as JSON, atomically."""
+    _check_keys(summary)
+    # allow_nan=False: NaN/Infinity are not JSON and would break strict readers.
+    text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
+    return _atomic_write_text(path, text)
+
+
+def _cell(value, fmt) -> str:
+    return _DASH if value is None else fmt(value)
+
+
+def _phase_rows(phases: list[dict]) -> list[str]:
+    lines = [
+        "| phase | test accuracy (%) | parameters | MACs | latency (ms, batch 256) "
+        "| wall time (s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for i, row in enumerate(phases):
+        unknown = set(row) - set(PHASE_KEYS)
+        if "phase" not in row or unknown:
+            raise ValueError(
+                f"phases[{i}] must have a 'phase' key and only keys from {PHASE_KEYS}; "
+                f"got {sorted(row)}"
+            )
+        cells = (
+            str(row["phase"]),
+            _cell(row.get("accuracy"), lambda v: f"{v:.2f}"),
+            _cell(row.get("params"), format_count),
+            _cell(row.get("macs"), format_count),
+            _cell(row.get("latency_ms"), lambda v: f"{v:.2f}"),
+            _cell(row.get("seconds"), lambda v: f"{v:.1f}"),
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _comparison(summary: Mapping, baseline_latency_ms: float | None) -> str:
+    base, pruned = summary["baseline"], summary["pruned"]
+
+    def reduction(key: str) -> str:
+        return f"{100 * (1 - pruned[key] / base[key]):.1f}%" if base[key] else _DASH
+
+    if baseline_latency_ms is not None and pruned["latency_ms"]:
+        latency = (
+            f"latency {pruned['latency_ms']:.2f} vs {baseline_latency_ms:.2f} ms "
+            f"(speedup {baseline_latency_ms / pruned['latency_ms']:.2f}x)"
+        )
+    else:
+        latency = f"latency speedup {_DASH} (not measured)"
+    accuracy_change = f"{pruned['accuracy'] - base['accuracy']:+.2f}".replace("-", "−")
+    return (
+        f"Pruned vs baseline: MACs {format_count(pruned['macs'])} vs "
+        f"{format_count(base['macs'])} (reduction {reduction('macs')}), parameters "
+        f"{format_count(pruned['params'])} vs {format_count(base['params'])} "
+        f"(reduction {reduction('params')}), {latency}, accuracy {pruned['accuracy']:.2f}% vs "
+        f"{base['accuracy']:.2f}% ({accuracy_change} points)."
+    )
+
+
+def _mentions_jpeg_copy(data_source: str) -> bool:
+    source = data_source.lower()
+    return any(word in source for word in ("npz", "jpeg", "jpg"))
+
+
+def write_report(
+    path,
+    *,
+    title: str,
+    config: dict,
+    data_source: str,
+    device: str,
+    phases: list[dict],
+    summary: dict,
+    plots: list[str],
+    notes: Iterable[str] = (),
+) -> Path:
+    """Write report.md (atomically) and return its path.
+
+    ``phases`` rows hold ``PHASE_KEYS``: phase, accuracy (test, %), params, macs,
+    latency_ms, seconds; all but phase may be None. The baseline latency used for the
+    speedup is taken from the row whose phase is "baseline". ``plots`` are file names
+    relative to the report.
+    """
+    _check_keys(summary)
+    table = _phase_rows(phases)
+    baseline_latency = next(
+        (row.get("latency_ms") for row in phases if row.get("phase") == "baseline"), None
+    )
+
+    data_line = f"Data: {data_source}."
+    if _mentions_jpeg_copy(data_source):
+        data_line += (
+            " This is the JPEG-compressed (lossy) copy of CIFAR-10: accuracies are not directly "
+            "comparable with published CIFAR-10 numbers (comparisons between runs on this "
+            "copy are fair)."
+        )
+    lines = [
+        f"# {title}",
+        "",
+        f"Method: {summary['method']}, criterion: {summary['criterion']}, "
+        f"target ratio: {summary['ratio']:g}, total wall time: {summary['wall_seconds']:.1f} s.",
+        "",
+        data_line,
+        "",
+        f"Device: {device}.",
+        "",
+        "## Phases",
+        "",
+        *table,
+        "",
+        _comparison(summary, baseline_latency),
+        "",
+        f"Filter returns: {summary['returns']}; removed filters: {summary['removed_filters']}.",
+        "",
+    ]
+    notes = list(notes)
+    if notes:
+        lines += ["## Notes", "", *(f"- {note}" for note in notes), ""]
+    if plots:
+        lines += ["## Plots", ""]
+        for plot in plots:
+            lines += [f"![{Path(plot).stem.replace('_', ' ')}]({plot})", ""]
+    lines += [
+        "## Configuration",
+        "",
+        "<details><summary>run configuration (JSON)</summary>",
+        "",
+        "```json",
+        json.dumps(config, indent=2, sort_keys=True, default=str),
+        "```",
+        "",
+        "</details>",
+        "",
+    ]
+    return _atomic_write_text(path, "\n".join(lines))

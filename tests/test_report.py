@@ -1,0 +1,213 @@
+"""Tests for summary.json, report.md and the PNG plots."""
+
+import json
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+
+from attenuation.plots import plot_filter_fates, plot_training_curves
+from attenuation.report import (
+    SUMMARY_KEYS,
+    format_count,
+    make_summary,
+    write_report,
+    write_summary,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+BASELINE = {"accuracy": 93.5, "params": 14_728_266, "macs": 313_207_808, "latency_ms": 9.8}
+PRUNED = {"accuracy": np.float32(92.1), "params": np.int64(4_100_000), "macs": 87_100_000,
+          "latency_ms": torch.tensor(3.1)}
+
+
+def _summary(**overrides):
+    kwargs = dict(
+        method="attenuation", criterion="l1", ratio=0.5,
+        data_source="shared/data/cifar10.npz (JPEG copy)", device="cpu", wall_seconds=123.4,
+        baseline=BASELINE, pruned=PRUNED, returns=np.int64(17), removed_filters=2112,
+    )
+    kwargs.update(overrides)
+    return make_summary(**kwargs)
+
+
+def _assert_png(path):
+    data = path.read_bytes()
+    assert len(data) > 0
+    assert data[:8] == PNG_SIGNATURE
+
+
+def test_summary_has_exact_keys():
+    summary = _summary()
+    assert set(summary) == set(SUMMARY_KEYS)
+    assert set(summary["baseline"]) == {"accuracy", "params", "macs"}
+    assert set(summary["pruned"]) == {"accuracy", "params", "macs", "latency_ms"}
+    assert set(summary) == {
+        "method", "criterion", "ratio", "data_source", "device", "wall_seconds",
+        "baseline", "pruned", "returns", "removed_filters",
+    }
+
+
+def test_summary_casts_to_plain_python_numbers():
+    summary = _summary()
+    assert type(summary["pruned"]["accuracy"]) is float
+    assert type(summary["pruned"]["params"]) is int
+    assert type(summary["pruned"]["latency_ms"]) is float
+    assert type(summary["returns"]) is int
+    assert summary["pruned"]["latency_ms"] == pytest.approx(3.1)
+
+
+@pytest.mark.parametrize("section,key", [("baseline", "macs"), ("pruned", "latency_ms"),
+                                         ("pruned", "accuracy")])
+def test_missing_key_raises_naming_it(section, key):
+    given = dict(BASELINE if section == "baseline" else PRUNED)
+    del given[key]
+    with pytest.raises(ValueError, match=key):
+        _summary(**{section: given})
+
+
+def test_non_numbers_are_rejected():
+    with pytest.raises(ValueError, match="baseline.params"):
+        _summary(baseline={**BASELINE, "params": 12.5})
+    with pytest.raises(ValueError, match="wall_seconds"):
+        _summary(wall_seconds=float("nan"))
+
+
+def test_write_summary_round_trip(tmp_path):
+    summary = _summary(pruned={**PRUNED, "latency_ms": None})
+    path = write_summary(summary, tmp_path / "run" / "summary.json")
+    assert json.loads(path.read_text()) == summary
+    assert [p.name for p in path.parent.iterdir()] == ["summary.json"]  # no temp file left
+
+
+def test_write_summary_rejects_wrong_keys(tmp_path):
+    with pytest.raises(ValueError, match="extra"):
+        write_summary({**_summary(), "extra": 1}, tmp_path / "summary.json")
+    bad = _summary()
+    del bad["pruned"]["latency_ms"]
+    with pytest.raises(ValueError, match="latency_ms"):
+        write_summary(bad, tmp_path / "summary.json")
+    assert not (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.parametrize("n,text", [(950_000, "950K"), (1_234_567, "1.23M"),
+                                    (14_728_266, "14.7M"), (313_207_808, "313.2M"),
+                                    (999_960, "1M"), (512, "512")])
+def test_format_count(n, text):
+    assert format_count(n) == text
+
+
+def _phases():
+    return [
+        {"phase": "baseline", "accuracy": 93.5, "params": 14_728_266, "macs": 313_207_808,
+         "latency_ms": 9.8, "seconds": 600.0},
+        {"phase": "attenuation", "accuracy": 91.0, "params": 14_728_266, "macs": 313_207_808,
+         "latency_ms": None, "seconds": 800.0},
+        {"phase": "finetune", "accuracy": 92.1, "params": 4_100_000, "macs": 87_100_000,
+         "latency_ms": 3.1, "seconds": 60.0},
+    ]
+
+
+def test_report_contents(tmp_path):
+    path = write_report(
+        tmp_path / "report.md", title="VGG-16 / CIFAR-10", config={"lr": 0.1, "epochs": 3},
+        data_source="shared/data/cifar10.npz (JPEG copy)", device="cpu", phases=_phases(),
+        summary=_summary(), plots=["curves.png", "filter_fates.png"], notes=["a note"],
+    )
+    text = path.read_text()
+    assert text.startswith("# VGG-16 / CIFAR-10")
+    assert "| baseline | 93.50 | 14.7M | 313.2M | 9.80 | 600.0 |" in text
+    assert "| attenuation | 91.00 | 14.7M | 313.2M | — | 800.0 |" in text
+    assert "| finetune | 92.10 | 4.1M | 87.1M | 3.10 | 60.0 |" in text
+    assert "not directly comparable" in text
+    assert "speedup 3.16x" in text
+    assert "(reduction 72.2%)" in text  # MACs
+    assert "−1.40 points" in text
+    assert "Filter returns: 17; removed filters: 2112." in text
+    assert "![curves](curves.png)" in text and "(filter_fates.png)" in text
+    assert "<details>" in text and '"lr": 0.1' in text
+    assert "- a note" in text
+
+
+def test_report_without_jpeg_note_or_latency(tmp_path):
+    phases = [{"phase": "baseline", "accuracy": 93.5}]
+    path = write_report(
+        tmp_path / "report.md", title="t", config={}, data_source="cifar-10-batches-py",
+        device="cpu", phases=phases, summary=_summary(pruned={**PRUNED, "latency_ms": None}),
+        plots=[],
+    )
+    text = path.read_text()
+    assert "not directly comparable" not in text
+    assert "not measured" in text
+
+
+def test_report_rejects_unknown_phase_keys(tmp_path):
+    with pytest.raises(ValueError, match="test_acc"):
+        write_report(
+            tmp_path / "report.md", title="t", config={}, data_source="x", device="cpu",
+            phases=[{"phase": "baseline", "test_acc": 90.0}], summary=_summary(), plots=[],
+        )
+
+
+def _metrics(n_epochs):
+    phases = ["baseline"] * (n_epochs // 2) + ["attenuation"] * (n_epochs - n_epochs // 2)
+    rows = []
+    for epoch, phase in enumerate(phases, start=1):
+        rows.append({
+            "phase": phase, "epoch": epoch, "train_loss": 2.0 / epoch, "train_acc": 50 + epoch,
+            "test_loss": None if epoch % 3 == 0 else 2.2 / epoch,
+            "test_acc": None if epoch % 3 == 0 else 48 + epoch,
+            "live_fraction": 1.0 if phase == "baseline" else 0.7, "lr": 0.1, "seconds": 1.0,
+        })
+    return rows
+
+
+def test_training_curves_png(tmp_path):
+    _assert_png(plot_training_curves(_metrics(12), tmp_path / "a" / "curves.png"))
+
+
+def test_training_curves_single_epoch_without_test(tmp_path):
+    row = {k: v for k, v in _metrics(1)[0].items() if not k.startswith("test_")}
+    _assert_png(plot_training_curves([row], tmp_path / "curves.png"))
+
+
+def _fates(rng, n_steps, n_filters):
+    status = np.zeros((n_steps, n_filters), dtype=np.uint8)
+    for f in range(n_filters):
+        weak_from = rng.integers(0, n_steps)
+        status[weak_from:, f] = 1
+        if f % 3 == 0:
+            status[min(n_steps - 1, weak_from + 2):, f] = 2
+        elif f % 3 == 1:
+            status[min(n_steps - 1, weak_from + 1):, f] = 0  # returns
+    return status
+
+
+def test_filter_fates_png(tmp_path):
+    rng = np.random.default_rng(0)
+    history = OrderedDict(
+        (f"features.{i}", _fates(rng, 10, n)) for i, n in enumerate([16, 32, 64, 8, 24])
+    )
+    history["features.1"] = torch.from_numpy(history["features.1"])
+    steps = list(range(50, 550, 50))
+    _assert_png(plot_filter_fates(history, steps, tmp_path / "f" / "fates.png"))
+    _assert_png(plot_filter_fates(history, steps, tmp_path / "fates2.png", max_layers=2))
+
+
+def test_filter_fates_every_filter_removed(tmp_path):
+    status = np.full((4, 8), 2, dtype=np.uint8)
+    status[0] = 1
+    _assert_png(plot_filter_fates({"conv1": status}, [10, 20, 30, 40], tmp_path / "fates.png"))
+
+
+def test_filter_fates_empty_history(tmp_path):
+    _assert_png(plot_filter_fates({}, [], tmp_path / "empty.png"))
+    empty_rows = {"conv1": np.zeros((0, 16), dtype=np.uint8)}
+    _assert_png(plot_filter_fates(empty_rows, [], tmp_path / "empty2.png"))
+
+
+def test_filter_fates_rejects_mismatched_steps(tmp_path):
+    with pytest.raises(ValueError, match="rows"):
+        plot_filter_fates({"conv1": np.zeros((3, 4))}, [1, 2], tmp_path / "x.png")
