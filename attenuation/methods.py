@@ -12,8 +12,10 @@ METHODS: dict[str, dict] = {
     # Conventional pruning: weak filters are zeroed and removed at once, never return.
     "hard": dict(factor=0.0, eps=1.0, ramp="constant"),           # one-shot, at the first step
     "iterative": dict(factor=0.0, eps=1.0, ramp="cubic"),         # hard, on the ramp
-    # Soft Filter Pruning (He et al. 2018): zeroed every epoch, still trained, removed at the end.
-    "sfp": dict(factor=0.0, eps=0.0, ramp="constant", interval="epoch", mask_gradients=False),
+    # Soft Filter Pruning (He et al. 2018): conv weights zeroed every epoch but still trained (the
+    # BN keeps its parameters, so a zeroed filter can regrow), removed at the end.
+    "sfp": dict(factor=0.0, eps=0.0, ramp="constant", interval="epoch", mask_gradients=False,
+                attenuate_bn=False),
     # A control with the same harness and budget: nothing pruned.
     "none": dict(ratio=0.0),
 }

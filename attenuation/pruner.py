@@ -31,6 +31,10 @@ class PruningConfig:
     eps: float = 0.01
     interval: Union[int, str] = 20
     mask_gradients: bool = True
+    # Scale the following BatchNorm's gamma and beta with the conv weights. With a = 0 that kills a
+    # filter for good (a zero weight makes the BN input constant, so no gradient reaches gamma or
+    # the weight again); Soft Filter Pruning therefore zeroes only the conv weights until removal.
+    attenuate_bn: bool = True
 
     def validate(self) -> "PruningConfig":
         get_criterion(self.criterion)
@@ -147,8 +151,12 @@ class Pruner:
     def _apply(self, weak: Tensor, factor: float, eps: float, count_weak_step: bool = True) -> None:
         if count_weak_step:
             self.steps_weak += (weak & (self.status != ops.REMOVED)).int()
-        returned, newly_removed = ops.attenuate_(*self._filter_tensors(), weak, self.status,
+        weights, biases, gammas, betas = self._filter_tensors()
+        bn = (gammas, betas) if self.config.attenuate_bn else ([None] * len(gammas), [None] * len(betas))
+        returned, newly_removed = ops.attenuate_(weights, biases, *bn, weak, self.status,
                                                  self.multiplier, factor, eps, backend=self.backend)
+        if not self.config.attenuate_bn:  # removal always zeroes the whole filter
+            ops.zero_removed_(weights, biases, gammas, betas, self.status, backend=self.backend)
         self.returns += returned.int()
         self.removed_at = torch.where(newly_removed, self.steps_done, self.removed_at)
         self.history.append(self.status.clone())

@@ -94,6 +94,15 @@ def zero_removed_(weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
         start += n
 
 
+def _output_size(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[int, int]:
+    size = []
+    for i in range(2):
+        pick = lambda v: v if isinstance(v, int) else v[i]  # noqa: E731
+        extent = pick(dilation) * (weight.shape[2 + i] - 1) + 1
+        size.append((x.shape[2 + i] + 2 * pick(padding) - extent) // pick(stride) + 1)
+    return size[0], size[1]
+
+
 def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_index: Optional[Tensor],
                   in_index: Optional[Tensor], scale: Optional[Tensor], stride, padding, dilation,
                   groups: int = 1) -> Tensor:
@@ -108,7 +117,10 @@ def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_index: 
         w = w.index_select(1, in_index)
     if out_index is not None:
         w = w.index_select(0, out_index)
-    y = F.conv2d(x, w, None, stride, padding, dilation, groups)
+    if w.shape[0] and w.shape[1]:
+        y = F.conv2d(x, w, None, stride, padding, dilation, groups)
+    else:  # no live output or no live input channel: the convolution part is empty or zero
+        y = x.new_zeros((x.shape[0], w.shape[0], *_output_size(x, weight, stride, padding, dilation)))
     if scale is not None:
         s = scale if out_index is None else scale.index_select(0, out_index)
         y = y * s.to(y.dtype).view(1, -1, 1, 1)

@@ -1,0 +1,105 @@
+"""AttenuatedConv2d is a drop-in nn.Conv2d; convert_model and layer discovery work on any model."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from attenuation.layers import find_prunable_layers
+from attenuation.modules import AttenuatedConv2d, convert_model
+
+
+def _net():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, 5, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3))
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(stride=2, padding=1, dilation=2, bias=False),
+                                    dict(groups=2, padding="same"), dict(padding=1, padding_mode="reflect")])
+def test_same_constructor_and_output_as_conv2d(kwargs):
+    conv = nn.Conv2d(4, 6, 3, **kwargs)
+    ours = AttenuatedConv2d(4, 6, 3, **kwargs)
+    missing, unexpected = ours.load_state_dict(conv.state_dict())
+    assert not missing and not unexpected
+    x = torch.randn(2, 4, 9, 9)
+    torch.testing.assert_close(ours(x), conv(x), rtol=0, atol=0)
+
+
+def test_state_dict_round_trip_keeps_masks():
+    conv = AttenuatedConv2d(4, 6, 3, padding=1)
+    conv.set_live(torch.tensor([1, 0, 1, 1, 0, 1]).bool(), torch.tensor([1, 1, 0, 1]).bool())
+    copy_ = AttenuatedConv2d(4, 6, 3, padding=1)
+    copy_.load_state_dict(conv.state_dict())
+    assert copy_.live_out.tolist() == conv.live_out.tolist() and copy_.live_in.tolist() == conv.live_in.tolist()
+    x = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(copy_(x), conv(x))
+    plain = nn.Conv2d(4, 6, 3, padding=1)
+    plain.load_state_dict({k: v for k, v in conv.state_dict().items() if not k.startswith("live")})
+
+
+def test_masked_forward_equals_zeroed_dense():
+    conv = AttenuatedConv2d(5, 7, 3, padding=1, dtype=torch.float64)
+    live_out = torch.tensor([1, 0, 1, 1, 0, 0, 1]).bool()
+    live_in = torch.tensor([1, 0, 1, 1, 1]).bool()
+    with torch.no_grad():
+        conv.weight[~live_out] = 0
+        conv.bias[~live_out] = 0
+    dense = copy.deepcopy(conv)
+    conv.set_live(live_out, live_in)
+    x = torch.randn(2, 5, 6, 6, dtype=torch.float64)
+    x[:, ~live_in] = 0  # a dead input channel carries zeros
+    torch.testing.assert_close(conv(x), dense(x))
+    assert "live=4/7" in repr(conv)
+
+
+def test_set_live_validates_shapes():
+    conv = AttenuatedConv2d(4, 6, 3)
+    with pytest.raises(ValueError, match="live_out"):
+        conv.set_live(torch.ones(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="live_in"):
+        conv.set_live(None, torch.ones(3, dtype=torch.bool))
+
+
+def test_convert_model_keeps_parameters_and_output():
+    model = _net().eval()
+    reference = copy.deepcopy(model)
+    weight = model[0].weight
+    convert_model(model)
+    assert isinstance(model[0], AttenuatedConv2d) and model[0].weight is weight
+    x = torch.randn(3, 3, 8, 8)
+    torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+
+
+def test_convert_model_without_conv_is_an_error():
+    with pytest.raises(ValueError, match="no nn.Conv2d"):
+        convert_model(nn.Sequential(nn.Linear(3, 3)))
+
+
+def test_layers_pair_batchnorms_and_chain_inputs():
+    model = convert_model(_net())
+    layers = find_prunable_layers(model)
+    assert [layer.name for layer in layers] == ["0", "4", "7"]
+    assert [layer.bn is model[i + 1] if layer.bn is not None else None for i, layer in zip((0, 4), layers)] == [True, True]
+    assert layers[2].bn is None
+    assert [layer.source for layer in layers] == [None, 0, 1]
+    with pytest.raises(ValueError, match="not found"):
+        find_prunable_layers(model, ignored=["nope"])
+    assert [layer.name for layer in find_prunable_layers(model, ignored=["4"])] == ["0", "7"]
+
+
+def test_resnet18_swap_and_forward():
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    reference = copy.deepcopy(model)
+    convert_model(model)
+    layers = find_prunable_layers(model)
+    assert len(layers) == 20 and all(layer.bn is not None for layer in layers)
+    # a block's second conv reads its first conv's output; a conv reading a residual sum reads all
+    by_name = {layer.name: i for i, layer in enumerate(layers)}
+    assert layers[by_name["layer1.0.conv2"]].source == by_name["layer1.0.conv1"]
+    assert layers[by_name["layer1.0.conv1"]].source == by_name["conv1"]  # through bn, relu, maxpool
+    assert layers[by_name["layer2.0.conv1"]].source is None  # reads a residual sum
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)

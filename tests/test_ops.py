@@ -1,0 +1,179 @@
+"""The ops facade and its reference backend, checked against plain-Python statements of the rule."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attenuation import ops
+
+
+def _naive_select(scores, removed, counts, ks):
+    out, start = [], 0
+    for n, k in zip(counts, ks):
+        rows = [(not removed[start + i], scores[start + i], i) for i in range(n)]
+        chosen = {i for _, _, i in sorted(rows)[:k]}
+        out += [i in chosen for i in range(n)]
+        start += n
+    return out
+
+
+@pytest.mark.parametrize("ord,fn", [("l1", lambda r: r.abs().sum()), ("l2", lambda r: r.norm()),
+                                    ("linf", lambda r: r.abs().max())])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_filter_norms_match_per_row(ord, fn, dtype):
+    weights = [torch.randn(7, 3, 3, 3).to(dtype), torch.randn(5, 7, 1, 1).to(dtype),
+               torch.randn(9, 2, 3, 3).to(dtype).transpose(2, 3)]  # non-contiguous
+    expected = torch.tensor([float(fn(w[i].float())) for w in weights for i in range(w.shape[0])])
+    got = ops.filter_norms(weights, ord)
+    assert got.dtype == torch.float32 and got.shape == (21,)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_filter_norms_rejects_bad_input():
+    with pytest.raises(ValueError, match="unknown norm"):
+        ops.filter_norms([torch.randn(2, 2)], "l3")
+    with pytest.raises(ValueError, match="floating"):
+        ops.filter_norms([torch.ones(3, 2, dtype=torch.int64)])
+    with pytest.raises(ValueError, match="backend 'nope'"):
+        ops.filter_norms([torch.randn(3, 2)], backend="nope")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_select_weak_matches_sorted_rule(seed):
+    g = torch.Generator().manual_seed(seed)
+    counts = [1, 7, 13, 4]
+    scores = torch.randint(0, 4, (sum(counts),), generator=g).float()  # many ties
+    removed = torch.rand(sum(counts), generator=g) < 0.2
+    ks = [int(torch.randint(0, n + 1, (), generator=g)) for n in counts]
+    ks = [max(k, int(removed[sum(counts[:i]):sum(counts[:i + 1])].sum())) for i, k in enumerate(ks)]
+    got = ops.select_weak(scores, removed, counts, ks)
+    assert got.tolist() == _naive_select(scores.tolist(), removed.tolist(), counts, ks)
+
+
+def test_select_weak_validates():
+    with pytest.raises(ValueError, match="ks"):
+        ops.select_weak(torch.rand(5), torch.zeros(5, dtype=torch.bool), [2, 3], [1])
+    with pytest.raises(ValueError, match="sum\\(counts\\)"):
+        ops.select_weak(torch.rand(4), torch.zeros(4, dtype=torch.bool), [2, 3], [1, 1])
+    with pytest.raises(ValueError, match="bool"):
+        ops.select_weak(torch.rand(5), torch.zeros(5), [2, 3], [1, 1])
+
+
+def _layers():
+    weights = [torch.randn(4, 3, 3, 3), torch.randn(3, 4, 3, 3)]
+    biases = [torch.randn(4), None]
+    gammas = [torch.rand(4) + 0.5, torch.rand(3) + 0.5]
+    betas = [torch.randn(4), torch.randn(3)]
+    return weights, biases, gammas, betas
+
+
+def test_attenuate_follows_the_rule():
+    weights, biases, gammas, betas = _layers()
+    before = [[t.clone() if t is not None else None for t in group] for group in (weights, biases, gammas, betas)]
+    status = torch.tensor([0, 1, 1, 2, 0, 1, 0], dtype=torch.uint8)
+    mult = torch.tensor([1, .5, .02, 0, 1, .5, 1], dtype=torch.float32)
+    weak = torch.tensor([1, 0, 1, 1, 0, 1, 0], dtype=torch.bool)
+    returned, newly = ops.attenuate_(weights, biases, gammas, betas, weak, status, mult, 0.4, 0.01)
+    # filter 0: newly weak; 1: returned; 2: weak again, 0.02*0.4 < 0.01 -> removed; 3: stays removed;
+    # 4: active; 5: weak again, 0.2; 6: active
+    assert status.tolist() == [1, 0, 2, 2, 0, 1, 0]
+    assert torch.allclose(mult, torch.tensor([.4, 1, 0, 0, 1, .2, 1]))
+    assert returned.tolist() == [False, True, False, False, False, False, False]
+    assert newly.tolist() == [False, False, True, False, False, False, False]
+    scale = [0.4, 1, 0, 0, 1, 0.4, 1]
+    for group_now, group_before in zip((weights, biases, gammas, betas), before):
+        flat_now = [row for t in group_now if t is not None for row in t]
+        flat_before = [row for t in group_before if t is not None for row in t]
+        present = [s for t, ss in zip(group_now, ([scale[:4], scale[4:]])) if t is not None for s in ss]
+        for now, was, s in zip(flat_now, flat_before, present):
+            torch.testing.assert_close(now, was * s)
+
+
+def test_attenuate_validates():
+    weights, biases, gammas, betas = _layers()
+    status = torch.zeros(7, dtype=torch.uint8)
+    mult = torch.ones(7)
+    weak = torch.zeros(7, dtype=torch.bool)
+    with pytest.raises(ValueError, match="factor"):
+        ops.attenuate_(weights, biases, gammas, betas, weak, status, mult, 1.5, 0.1)
+    with pytest.raises(ValueError, match="eps"):
+        ops.attenuate_(weights, biases, gammas, betas, weak, status, mult, 0.5, -1)
+    with pytest.raises(ValueError, match="status"):
+        ops.attenuate_(weights, biases, gammas, betas, weak, status.long(), mult, 0.5, 0.1)
+    with pytest.raises(ValueError, match="gamma"):
+        ops.attenuate_(weights, biases, [torch.ones(5), None], betas, weak, status, mult, 0.5, 0.1)
+
+
+def test_zero_removed_zeroes_only_removed_filters():
+    weights, biases, gammas, betas = _layers()
+    status = torch.tensor([2, 0, 1, 0, 0, 0, 2], dtype=torch.uint8)
+    ops.zero_removed_(weights, biases, gammas, betas, status)
+    assert weights[0][0].abs().sum() == 0 and biases[0][0] == 0 and gammas[0][0] == 0 and betas[0][0] == 0
+    assert weights[1][2].abs().sum() == 0 and gammas[1][2] == 0 and betas[1][2] == 0
+    assert weights[0][2].abs().sum() > 0 and gammas[1][0] != 0
+
+
+def _dense_masked(x, w, b, live_out, live_in, scale, **kw):
+    w = w * live_out.view(-1, 1, 1, 1)
+    if live_in is not None:
+        w = w * live_in.view(1, -1, 1, 1)
+    y = F.conv2d(x, w, None, **kw)
+    if scale is not None:
+        y = y * scale.view(1, -1, 1, 1)
+    if b is not None:
+        y = y + b.view(1, -1, 1, 1)
+    return y * live_out.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("live", ["all", "half", "one", "none"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("conv", [dict(stride=1, padding=1, dilation=1), dict(stride=2, padding=2, dilation=2)])
+def test_masked_conv2d_matches_zero_masked_dense(live, channels_last, conv):
+    torch.manual_seed(1)
+    x = torch.randn(3, 5, 9, 11, dtype=torch.float64)
+    w = torch.randn(7, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    scale = torch.rand(7, dtype=torch.float64) + 0.5
+    live_out = {"all": torch.ones(7), "half": torch.tensor([1, 0, 1, 0, 1, 1, 0.]),
+                "one": torch.eye(7)[3], "none": torch.zeros(7)}[live].bool()
+    live_in = torch.tensor([1, 1, 0, 1, 0]).bool()
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    got = ops.masked_conv2d(x, w, b, live_out.nonzero().flatten(), live_in.nonzero().flatten(), scale, **conv)
+    expected = _dense_masked(x, w, b, live_out.double(), live_in.double(), scale, **conv)
+    torch.testing.assert_close(got, expected)
+    grad = torch.randn_like(got)
+    g_got = torch.autograd.grad(got, (x, w, b), grad, allow_unused=True, materialize_grads=True)
+    g_exp = torch.autograd.grad(expected, (x, w, b), grad)
+    for a, e in zip(g_got, g_exp):
+        torch.testing.assert_close(a, e)
+
+
+def test_masked_conv2d_gradcheck():
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    out_index, in_index = torch.tensor([0, 2, 3]), torch.tensor([1, 3])
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: ops.masked_conv2d(x, w, b, out_index, in_index, None, padding=1), (x, w, b))
+
+
+def test_masked_conv2d_validates():
+    with pytest.raises(ValueError, match="channels"):
+        ops.masked_conv2d(torch.randn(1, 3, 4, 4), torch.randn(2, 4, 3, 3))
+    with pytest.raises(ValueError, match="int64"):
+        ops.masked_conv2d(torch.randn(1, 3, 4, 4), torch.randn(2, 3, 3, 3), out_index=torch.tensor([0.0]))
+    with pytest.raises(ValueError, match="4-D"):
+        ops.masked_conv2d(torch.randn(3, 4, 4), torch.randn(2, 3, 3, 3))
+
+
+def test_default_backend_override(monkeypatch):
+    from attenuation.ops import backends
+    assert backends.default_backend(torch.device("cpu")) == "reference"
+    with pytest.raises(ValueError, match="unknown backend"):
+        ops.set_default_backend("warp-drive")
+    monkeypatch.setenv("ATTENUATION_BACKEND", "missing")
+    with pytest.raises(ValueError, match="not available"):
+        ops.filter_norms([torch.randn(2, 2)])
