@@ -1,0 +1,155 @@
+"""Model cost: parameter count, multiply-accumulates per image, measured latency."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import statistics
+import time
+
+import torch
+from torch import nn
+
+__all__ = ["count_parameters", "count_macs", "measure_latency"]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameter elements (shared parameters counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device of the model's first tensor and dtype of its first floating tensor
+    (CPU / float32 for a model that has none)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    device = tensors[0].device if tensors else torch.device("cpu")
+    dtype = next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
+    return device, dtype
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Put every submodule in eval mode; restore each one's own mode on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _check_sizes(name: str, sizes) -> tuple[int, ...]:
+    sizes = tuple(sizes)
+    if not sizes or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0
+                            for s in sizes):
+        raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {sizes!r}")
+    return sizes
+
+
+def _live_count(module: nn.Module, attr: str, size: int) -> int | None:
+    """Number of True entries of the bool mask `module.<attr>` (None when absent)."""
+    mask = getattr(module, attr, None)
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (size,):
+        raise ValueError(f"{type(module).__name__}.{attr} must be a bool tensor of shape "
+                         f"({size},), got {mask!r}")
+    return int(mask.sum())
+
+
+def count_macs(model: nn.Module, input_size=(1, 3, 32, 32), live_only: bool = False) -> int:
+    """Multiply-accumulates per image of every Conv2d (subclasses included) and Linear,
+    measured on one forward pass of a zero input of shape `input_size`.
+
+    With `live_only`, a conv carrying bool masks `live_out` ([out_channels]) and
+    optionally `live_in` ([in_channels]) is charged only for its live channels: the
+    cost of the project's masked convolution. Linear layers are always counted in full.
+    """
+    input_size = _check_sizes("input_size", input_size)
+    batch = input_size[0]
+    total = 0
+
+    def conv_hook(module: nn.Conv2d, inputs, output: torch.Tensor) -> None:
+        nonlocal total
+        c_out, c_in = module.out_channels, module.in_channels
+        positions = output.numel() // (batch * c_out)
+        if live_only:
+            live_out = _live_count(module, "live_out", module.out_channels)
+            if live_out is not None:
+                c_out = live_out
+                live_in = _live_count(module, "live_in", module.in_channels)
+                c_in = c_in if live_in is None else live_in
+        kh, kw = module.kernel_size
+        total += positions * c_out * c_in * kh * kw // module.groups
+
+    def linear_hook(module: nn.Linear, inputs, output: torch.Tensor) -> None:
+        nonlocal total
+        total += output.numel() // batch * module.in_features
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.Linear):
+            handles.append(m.register_forward_hook(linear_hook))
+    device, dtype = _device_and_dtype(model)
+    try:
+        with _eval_mode(model), torch.no_grad():
+            model(torch.zeros(input_size, device=device, dtype=dtype))
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    # "cuda" and "cuda:0" name the same device when the index is left out.
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def measure_latency(model: nn.Module, batch_size: int = 256, input_size=(3, 32, 32),
+                    device=None, warmup: int = 3, repeats: int = 10,
+                    channels_last: bool = False, autocast_dtype: torch.dtype | None = None
+                    ) -> dict:
+    """Wall-clock time of one eval-mode forward pass of a random batch.
+
+    `device` defaults to the model's device; the model must already be there.
+    With `channels_last`, a channels-last copy of the model is timed (the model
+    itself is left untouched). Returns {"median_ms", "min_ms", "batch_size", "device"}.
+    """
+    input_size = _check_sizes("input_size", input_size)
+    _check_sizes("batch_size", (batch_size,))
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    model_device, dtype = _device_and_dtype(model)
+    device = model_device if device is None else torch.device(device)
+    if not _same_device(device, model_device):
+        raise ValueError(f"model is on {model_device} but latency was asked on {device}; "
+                         f"move the model first")
+
+    x = torch.randn((batch_size, *input_size), device=device, dtype=dtype)
+    if channels_last:
+        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times_ms = []
+    with _eval_mode(model), torch.no_grad(), autocast:
+        for _ in range(warmup):
+            model(x)
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            model(x)
+            sync()
+            times_ms.append((time.perf_counter() - start) * 1e3)
+    return {"median_ms": statistics.median(times_ms), "min_ms": min(times_ms),
+            "batch_size": batch_size, "device": str(device)}
