@@ -1,0 +1,248 @@
+"""The CIFAR-10 prune, recover, remove loop: phases, checkpoints and resume, reports."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from . import plots, report
+from .checkpoint import load_checkpoint, save_atomic
+from .config import PHASES, RunConfig
+from .data import DeviceLoader, download_cifar10, load_cifar10, resolve_cifar10, subset
+from .models import build_model, vgg
+from .profiling import count_macs, count_parameters, measure_latency
+from .pruner import Pruner
+from .surgery import remove_filters, save_pruned
+from .train import evaluate, lr_at, train_epoch
+
+CHECKPOINT_FORMAT = "attenuation.run/1"
+# Options that change where a run writes, not what it computes.
+_NOT_COMPARED_ON_RESUME = ("out",)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"unknown device {name!r}: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r} is not supported: use cpu, cuda or auto")
+    return device
+
+
+def default_out(config: RunConfig) -> Path:
+    return Path("runs") / f"{config.preset}-{config.method}-{config.criterion}-r{config.ratio:g}-s{config.seed}"
+
+
+class Run:
+    """One run of the loop. ``Run(config).execute()`` returns the summary dict."""
+
+    def __init__(self, config: RunConfig, *, resume: bool = False, progress: bool = True,
+                 download: bool = False):
+        self.config = config.validate()
+        self.out = Path(config.out) if config.out else default_out(config)
+        self.device = resolve_device(config.device)
+        self.progress = progress
+        self.channels_last = True  # faster for these convs on CPU (oneDNN) and GPU (tensor cores)
+        torch.manual_seed(config.seed)
+        data_path = download_cifar10() if download else resolve_cifar10(config.data)
+        data = load_cifar10(data_path)
+        if config.train_subset or config.test_subset:
+            data = subset(data, config.train_subset or len(data.y_train), config.test_subset or len(data.y_test))
+        self.data_source = data.source
+        self.train_loader = DeviceLoader(data.x_train, data.y_train, config.batch_size, self.device,
+                                         train=True, seed=config.seed, channels_last=self.channels_last)
+        self.test_loader = DeviceLoader(data.x_test, data.y_test, 500, self.device, train=False,
+                                        channels_last=self.channels_last)
+        self.model: nn.Module = self._to_device(vgg(config.depth, config.width))
+        self.pruner: Optional[Pruner] = Pruner(self.model, config.pruning_config(),
+                                               backend=config.backend, seed=config.seed)
+        self.optimizer = self._make_optimizer()
+        self.state = {"phase_index": 0, "epoch_in_phase": 0, "global_epoch": 0, "wall_seconds": 0.0,
+                      "metrics": [], "phases": [], "record": None}
+        if resume:
+            self._resume()
+        else:
+            if (self.out / "checkpoint.pt").exists():
+                raise FileExistsError(f"{self.out} already holds a run: pass --resume to continue it "
+                                      "or choose another --out")
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+            (self.out / "metrics.jsonl").write_text("")
+
+    # ------------------------------------------------------------------ setup
+    def _to_device(self, model: nn.Module) -> nn.Module:
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
+        return torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum, nesterov=True,
+                               weight_decay=c.weight_decay)
+
+    def _checkpoint(self) -> None:
+        save_atomic({
+            "format": CHECKPOINT_FORMAT, "config": self.config.to_dict(), "state": self.state,
+            "removed": self.pruner is None, "model_spec": self.model.spec(),
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "pruner": self.pruner.state_dict() if self.pruner is not None else None,
+            "loader": self.train_loader.state_dict(), "torch_rng": torch.get_rng_state(),
+        }, self.out / "checkpoint.pt")
+
+    def _resume(self) -> None:
+        saved = load_checkpoint(self.out / "checkpoint.pt", map_location=self.device)
+        if saved.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{self.out / 'checkpoint.pt'} is not a run checkpoint of this version")
+        mine, theirs = self.config.to_dict(), saved["config"]
+        differ = [k for k in mine if k not in _NOT_COMPARED_ON_RESUME and mine[k] != theirs.get(k)]
+        if differ:
+            raise ValueError("the checkpoint is from another configuration: "
+                             + ", ".join(f"{k}={theirs.get(k)!r} (now {mine[k]!r})" for k in differ))
+        if saved["removed"]:
+            self.pruner.remove_hooks()
+            self.pruner = None
+            self.model = self._to_device(build_model(saved["model_spec"]))
+            self.optimizer = self._make_optimizer()
+        self.model.load_state_dict(saved["model"])
+        if self.pruner is not None:
+            self.pruner.load_state_dict(saved["pruner"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.train_loader.load_state_dict(saved["loader"])
+        torch.set_rng_state(saved["torch_rng"].cpu())
+        self.state = saved["state"]
+        with open(self.out / "metrics.jsonl", "w") as f:  # drop rows written after the checkpoint
+            f.writelines(json.dumps(row) + "\n" for row in self.state["metrics"])
+
+    # ------------------------------------------------------------------ the loop
+    def execute(self, stop_after_epochs: Optional[int] = None) -> Optional[dict]:
+        """Run (or continue) every phase; returns the summary, or None when stopped early by
+        ``stop_after_epochs`` (used to test resuming)."""
+        epochs_this_session = 0
+        while self.state["phase_index"] < len(PHASES):
+            phase = PHASES[self.state["phase_index"]]
+            n_epochs = self.config.epochs[phase]
+            started = time.perf_counter()
+            if phase == "attenuation" and self.state["epoch_in_phase"] == 0 and self.pruner.phase == "idle":
+                self.pruner.start(max(n_epochs, 1) * len(self.train_loader), len(self.train_loader))
+            if self.state["epoch_in_phase"] < n_epochs:
+                self._train_one_epoch(phase, n_epochs)
+                epochs_this_session += 1
+            if self.state["epoch_in_phase"] >= n_epochs:
+                self._end_phase(phase)
+            self.state["wall_seconds"] += time.perf_counter() - started
+            self._checkpoint()
+            if stop_after_epochs is not None and epochs_this_session >= stop_after_epochs \
+                    and self.state["phase_index"] < len(PHASES):
+                return None
+        return self._write_outputs()
+
+    def _train_one_epoch(self, phase: str, n_epochs: int) -> None:
+        steps = len(self.train_loader)
+        total = n_epochs * steps
+        epoch = self.state["epoch_in_phase"]
+        pruner = self.pruner
+        result = train_epoch(
+            self.model, self.train_loader, self.optimizer,
+            lr=lambda step: lr_at(phase, step, total, self.config.lr), first_step=epoch * steps,
+            label_smoothing=self.config.label_smoothing,
+            after_step=pruner.step if pruner is not None else None,
+            progress=f"{phase} {epoch + 1}/{n_epochs}" if self.progress else None,
+            live_fraction=pruner.live_fraction if pruner is not None else (lambda: 1.0))
+        test_loss, test_acc = evaluate(self.model, self.test_loader)
+        self.state["epoch_in_phase"] += 1
+        self.state["global_epoch"] += 1
+        row = {"phase": phase, "epoch": self.state["global_epoch"], "phase_epoch": epoch + 1,
+               "train_loss": result.loss, "train_acc": result.accuracy, "test_loss": test_loss,
+               "test_acc": test_acc, "live_fraction": self._live_fraction(),
+               "lr": lr_at(phase, (epoch + 1) * steps - 1, total, self.config.lr),
+               "seconds": result.seconds, "images_per_second": result.images / result.seconds}
+        self.state["metrics"].append(row)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.progress:
+            print(f"[{phase} {epoch + 1}/{n_epochs}] loss {result.loss:.3f} train {result.accuracy:.1f}% "
+                  f"test {test_acc:.2f}% live {row['live_fraction']:.2f} ({result.seconds:.0f}s)", flush=True)
+
+    def _live_fraction(self) -> float:
+        return self.pruner.live_fraction() if self.pruner is not None else 1.0
+
+    def _end_phase(self, phase: str) -> None:
+        if phase == "attenuation":
+            self.pruner.finish()
+        self._record_phase(phase)
+        if phase == "recovery":
+            self._remove_filters()
+            self._record_phase("removal")
+        self.state["phase_index"] += 1
+        self.state["epoch_in_phase"] = 0
+
+    def _remove_filters(self) -> None:
+        """Physical removal: a dense smaller network; the optimizer's momentum is sliced along."""
+        pruner = self.pruner
+        self.state["record"] = {
+            "fates": pruner.fates(), "history": pruner.status_history(),
+            "history_steps": list(pruner.history_steps), "returns": pruner.total_returns(),
+            "removed_filters": pruner.n_removed, "filters": sum(pruner.counts)}
+        pruner.remove_hooks()
+        self.model = remove_filters(self.model, pruner.keep_masks(), self.optimizer,
+                                    round_to=self.config.round_to)
+        self.pruner = None
+
+    def _record_phase(self, phase: str) -> None:
+        with torch.random.fork_rng(devices=[]):  # measurements must not perturb training's RNG
+            _, accuracy = evaluate(self.model, self.test_loader)
+            latency = measure_latency(self.model, batch_size=self.config.latency_batch,
+                                      device=self.device, channels_last=self.channels_last,
+                                      autocast_dtype=torch.bfloat16 if self.device.type == "cuda" else None)
+        seconds = sum(row["seconds"] for row in self.state["metrics"] if row["phase"] == phase)
+        self.state["phases"].append({
+            "phase": phase, "accuracy": accuracy, "params": count_parameters(self.model),
+            "macs": count_macs(self.model, live_only=True), "latency_ms": latency["median_ms"],
+            "seconds": seconds})
+
+    # ------------------------------------------------------------------ outputs
+    def _write_outputs(self) -> dict:
+        c, record = self.config, self.state["record"]
+        phases = {row["phase"]: row for row in self.state["phases"]}
+        save_pruned(self.model, self.out / "model.pt")
+        (self.out / "fates.json").write_text(json.dumps(record["fates"]) + "\n")
+        if self.state["metrics"]:
+            plots.plot_training_curves(self.state["metrics"], self.out / "curves.png")
+        plots.plot_filter_fates(record["history"], record["history_steps"], self.out / "filter_fates.png")
+        summary = report.make_summary(
+            method=c.method, criterion=c.criterion, ratio=c.ratio, data_source=self.data_source,
+            device=describe_device(self.device), wall_seconds=self.state["wall_seconds"],
+            baseline={k: phases["baseline"][k] for k in ("accuracy", "params", "macs")},
+            pruned={k: phases["finetune"][k] for k in ("accuracy", "params", "macs", "latency_ms")},
+            returns=record["returns"], removed_filters=record["removed_filters"])
+        report.write_summary(summary, self.out / "summary.json")
+        report.write_report(
+            self.out / "report.md", title=f"attenuation run: {c.method} / {c.criterion}, ratio {c.ratio:g}, "
+            f"VGG-{c.depth} x{c.width:g} ({c.preset} preset)", config=c.to_dict(),
+            data_source=self.data_source, device=describe_device(self.device),
+            phases=self.state["phases"],
+            summary=summary, plots=["curves.png", "filter_fates.png"],
+            notes=[f"{record['removed_filters']} of {record['filters']} filters removed, "
+                   f"{record['returns']} returns; latency is the median forward time at batch "
+                   f"{c.latency_batch}; the pruned rows before removal use the masked convolution."])
+        return summary
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def run(config: RunConfig, *, resume: bool = False, progress: bool = True, download: bool = False,
+        stop_after_epochs: Optional[int] = None) -> Optional[dict]:
+    """Run the loop for ``config``; see :class:`Run`."""
+    return Run(config, resume=resume, progress=progress, download=download).execute(stop_after_epochs)

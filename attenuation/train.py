@@ -1,0 +1,97 @@
+"""One epoch of training and one evaluation pass: SGD, a stateless per-step learning rate,
+mixed precision and channels_last on CUDA, the pruner stepped after every optimizer step."""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+
+@dataclass
+class EpochResult:
+    loss: float
+    accuracy: float        # percent
+    seconds: float
+    images: int
+
+
+def lr_at(phase: str, step: int, total: int, peak: float) -> float:
+    """The learning rate of each phase as a pure function of the step (so resuming needs no
+    scheduler state): the baseline warms up over its first 15% then decays linearly to zero; the
+    attenuation phase holds a moderate rate so filters can still regrow; recovery and fine-tuning
+    decay linearly from a lower start."""
+    progress = step / max(total, 1)
+    if phase == "baseline":
+        warm = 0.15
+        return peak * (0.1 + 0.9 * progress / warm) if progress < warm else peak * (1 - progress) / (1 - warm)
+    if phase == "attenuation":
+        return 0.4 * peak
+    if phase == "recovery":
+        return 0.4 * peak * (1 - progress)
+    if phase == "finetune":
+        return 0.1 * peak * (1 - progress)
+    raise ValueError(f"unknown phase {phase!r}")
+
+
+def autocast_for(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *,
+                lr: Callable[[int], float], first_step: int, label_smoothing: float = 0.0,
+                after_step: Optional[Callable[[], None]] = None,
+                progress: Optional[str] = None, live_fraction: Callable[[], float] = lambda: 1.0) -> EpochResult:
+    """Train one epoch. ``lr(step)`` gives the rate of each global step of the phase, starting at
+    ``first_step``; ``after_step`` runs after every optimizer step (the pruner)."""
+    model.train()
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    images = 0
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=progress, leave=False, dynamic_ncols=True, disable=progress is None)
+    for i, (x, y) in enumerate(bar):
+        for group in optimizer.param_groups:
+            group["lr"] = lr(first_step + i)
+        with autocast_for(device):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+        loss_sum += loss.detach() * y.shape[0]
+        correct += (logits.argmax(1) == y).sum()
+        images += y.shape[0]
+        if i % 20 == 0 and progress is not None:  # a host read every 20 steps, not every step
+            bar.set_postfix(loss=f"{loss_sum.item() / images:.3f}",
+                            acc=f"{100 * correct.item() / images:.1f}", live=f"{live_fraction():.2f}")
+    bar.close()
+    return EpochResult(loss_sum.item() / max(images, 1), 100.0 * correct.item() / max(images, 1),
+                       time.perf_counter() - start, images)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader) -> tuple[float, float]:
+    """(loss, accuracy in percent) over the loader, in eval mode."""
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    images = 0
+    for x, y in loader:
+        with autocast_for(device):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+        images += y.shape[0]
+    return loss_sum.item() / max(images, 1), 100.0 * correct.item() / max(images, 1)
