@@ -79,7 +79,7 @@ PRESETS: dict[str, dict] = {
     # the default: VGG-16 at quarter width on full CIFAR-10, about 8 minutes on a 2-core CPU
     "quick": dict(),
     # full VGG-16 and a full schedule, for a GPU
-    "paper": dict(width=1.0, batch_size=128, lr=0.1, interval=50,
+    "paper": dict(width=1.0, round_to=8, batch_size=128, lr=0.1, interval=50,
                   epochs={"baseline": 100, "attenuation": 40, "recovery": 30, "finetune": 20}),
 }
 

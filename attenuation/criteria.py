@@ -22,14 +22,26 @@ class CriterionContext:
 
 Criterion = Callable[[CriterionContext], Tensor]
 _CRITERIA: dict[str, Criterion] = {}
+_SCALES_WITH_FILTER: set[str] = set()
 
 
-def register_criterion(name: str) -> Callable[[Criterion], Criterion]:
-    """Decorator: ``@register_criterion("mine")`` makes ``criterion="mine"`` usable everywhere."""
+def register_criterion(name: str, scales_with_filter: bool = False) -> Callable[[Criterion], Criterion]:
+    """Decorator: ``@register_criterion("mine")`` makes ``criterion="mine"`` usable everywhere.
+
+    ``scales_with_filter``: the score is proportional to the filter's scale (a norm of its
+    parameters), so the pruner can undo the attenuation when it scores a weak filter."""
     def add(fn: Criterion) -> Criterion:
         _CRITERIA[name] = fn
+        _SCALES_WITH_FILTER.discard(name)
+        if scales_with_filter:
+            _SCALES_WITH_FILTER.add(name)
         return fn
     return add
+
+
+def scales_with_filter(name: str) -> bool:
+    get_criterion(name)
+    return name in _SCALES_WITH_FILTER
 
 
 def available_criteria() -> list[str]:
@@ -44,12 +56,12 @@ def get_criterion(name: str) -> Criterion:
                          f"{', '.join(available_criteria())}") from None
 
 
-@register_criterion("l1")
+@register_criterion("l1", scales_with_filter=True)
 def l1_norm(ctx: CriterionContext) -> Tensor:
     return ops.filter_norms([layer.conv.weight for layer in ctx.layers], "l1", ctx.backend)
 
 
-@register_criterion("l2")
+@register_criterion("l2", scales_with_filter=True)
 def l2_norm(ctx: CriterionContext) -> Tensor:
     return ops.filter_norms([layer.conv.weight for layer in ctx.layers], "l2", ctx.backend)
 
@@ -68,7 +80,7 @@ def geometric_median(ctx: CriterionContext) -> Tensor:
     return torch.cat(scores)
 
 
-@register_criterion("bn")
+@register_criterion("bn", scales_with_filter=True)
 def bn_scale(ctx: CriterionContext) -> Tensor:
     """|gamma| of the BatchNorm following each conv (network slimming, Liu et al. 2017)."""
     missing = [layer.name for layer in ctx.layers if layer.bn is None or layer.bn.weight is None]
@@ -78,7 +90,7 @@ def bn_scale(ctx: CriterionContext) -> Tensor:
     return torch.cat([layer.bn.weight.detach().float().abs() for layer in ctx.layers])
 
 
-@register_criterion("taylor")
+@register_criterion("taylor", scales_with_filter=True)
 def first_order_taylor(ctx: CriterionContext) -> Tensor:
     """First-order Taylor estimate of the loss change (Molchanov et al. 2019): sum |w * dL/dw|."""
     missing = [layer.name for layer in ctx.layers if layer.conv.weight.grad is None]

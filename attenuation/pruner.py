@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import ops
-from .criteria import CriterionContext, get_criterion
+from .criteria import CriterionContext, get_criterion, scales_with_filter
 from .layers import PrunableLayer, find_prunable_layers
 from .modules import convert_model
 from .schedule import check_ramp, ramp_ratio, weak_count
@@ -35,6 +35,13 @@ class PruningConfig:
     # filter for good (a zero weight makes the BN input constant, so no gradient reaches gamma or
     # the weight again); Soft Filter Pruning therefore zeroes only the conv weights until removal.
     attenuate_bn: bool = True
+    # Treat the multiplier as a reversible soft mask: a weak filter is scored as if it were not
+    # attenuated (its score divided by its multiplier, for criteria that scale with the filter), and
+    # a filter that returns gets its full scale back. Without it the attenuation itself keeps a
+    # filter the weakest, so none can return (BN makes the weight scale invisible to training,
+    # which therefore never regrows it); and a filter that returned at a reduced scale would be
+    # weak again at once, cycling without ever reaching the removal threshold.
+    reversible: bool = True
 
     def validate(self) -> "PruningConfig":
         get_criterion(self.criterion)
@@ -134,6 +141,9 @@ class Pruner:
         removed = self.status == ops.REMOVED
         context = CriterionContext(self.layers, removed, self.generator, self.backend)
         scores = get_criterion(self.config.criterion)(context).float()
+        if self.config.reversible and scales_with_filter(self.config.criterion):
+            attenuated = (self.status == ops.WEAK) & (self.multiplier > 0)
+            scores = torch.where(attenuated, scores / self.multiplier.clamp_min(1e-30), scores)
         ratio = self.ratio_now()
         if self.config.scope == "global":
             scores, ks = self._global_weak_counts(scores, removed, ratio)
@@ -153,8 +163,9 @@ class Pruner:
             self.steps_weak += (weak & (self.status != ops.REMOVED)).int()
         weights, biases, gammas, betas = self._filter_tensors()
         bn = (gammas, betas) if self.config.attenuate_bn else ([None] * len(gammas), [None] * len(betas))
-        returned, newly_removed = ops.attenuate_(weights, biases, *bn, weak, self.status,
-                                                 self.multiplier, factor, eps, backend=self.backend)
+        returned, newly_removed = ops.attenuate_(weights, biases, *bn, weak, self.status, self.multiplier,
+                                                 factor, eps, restore=self.config.reversible,
+                                                 backend=self.backend)
         if not self.config.attenuate_bn:  # removal always zeroes the whole filter
             ops.zero_removed_(weights, biases, gammas, betas, self.status, backend=self.backend)
         self.returns += returned.int()

@@ -90,6 +90,20 @@ def test_attenuate_follows_the_rule():
             torch.testing.assert_close(now, was * s)
 
 
+def test_attenuate_restores_returning_filters():
+    weights, biases, gammas, betas = _layers()
+    before = weights[0].clone()
+    status = torch.tensor([1, 1, 1, 2, 0, 0, 0], dtype=torch.uint8)
+    mult = torch.tensor([.25, .5, 0, 0, 1, 1, 1], dtype=torch.float32)
+    weak = torch.tensor([0, 1, 0, 1, 0, 0, 0], dtype=torch.bool)
+    returned, _ = ops.attenuate_(weights, biases, gammas, betas, weak, status, mult, 0.5, 0.01, restore=True)
+    assert returned.tolist() == [True, False, True, False, False, False, False]
+    torch.testing.assert_close(weights[0][0], before[0] * 4)   # undone: divided by its multiplier
+    torch.testing.assert_close(weights[0][1], before[1] * 0.5)  # still weak: attenuated again
+    torch.testing.assert_close(weights[0][2], before[2])       # multiplier 0 (SFP): nothing to undo
+    assert mult.tolist()[:3] == [1, 0.25, 1]
+
+
 def test_attenuate_validates():
     weights, biases, gammas, betas = _layers()
     status = torch.zeros(7, dtype=torch.uint8)
@@ -126,10 +140,18 @@ def _dense_masked(x, w, b, live_out, live_in, scale, **kw):
     return y * live_out.view(1, -1, 1, 1)
 
 
+@pytest.fixture(params=["gathered", "masked-dense"])
+def masked_conv_path(request, monkeypatch):
+    """Force each of the reference's two strategies (chosen by the live MAC fraction)."""
+    from attenuation.ops import reference
+    monkeypatch.setattr(reference, "GATHER_BELOW_MAC_FRACTION", 1.01 if request.param == "gathered" else 0.0)
+    return request.param
+
+
 @pytest.mark.parametrize("live", ["all", "half", "one", "none"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("conv", [dict(stride=1, padding=1, dilation=1), dict(stride=2, padding=2, dilation=2)])
-def test_masked_conv2d_matches_zero_masked_dense(live, channels_last, conv):
+def test_masked_conv2d_matches_zero_masked_dense(live, channels_last, conv, masked_conv_path):
     torch.manual_seed(1)
     x = torch.randn(3, 5, 9, 11, dtype=torch.float64)
     w = torch.randn(7, 5, 3, 3, dtype=torch.float64, requires_grad=True)
@@ -151,7 +173,7 @@ def test_masked_conv2d_matches_zero_masked_dense(live, channels_last, conv):
         torch.testing.assert_close(a, e)
 
 
-def test_masked_conv2d_gradcheck():
+def test_masked_conv2d_gradcheck(masked_conv_path):
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(5, 4, 3, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(5, dtype=torch.float64, requires_grad=True)

@@ -211,3 +211,24 @@ def test_bad_method_and_models_are_refused():
         Pruner(no_bn, PruningConfig(criterion="bn"))
     with pytest.raises(ValueError, match="at least one step"):
         Pruner(_net()).start(0)
+
+
+@pytest.mark.parametrize("reversible,returned", [(True, True), (False, False)])
+def test_reversible_multiplier_lets_attenuated_filters_return(reversible, returned):
+    """Filter i has L1 norm proportional to i+1. After one step filters 0 and 1 are weak (x0.5).
+    Filter 2 then shrinks to 1.5/3 of itself: between filter 1's attenuated and original norm."""
+    model = nn.Sequential(nn.Conv2d(1, 8, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.arange(1, 9, dtype=torch.float32).view(8, 1, 1, 1))
+    pruner = Pruner(model, PruningConfig(ratio=0.25, ramp="constant", factor=0.5, eps=0.01,
+                                         interval=1, reversible=reversible))
+    pruner.start(10)
+    pruner.step()
+    assert pruner.status.tolist()[:3] == [1, 1, 0]
+    with torch.no_grad():
+        model[0].weight[2] = 1.5
+    pruner.step()
+    assert (pruner.status.tolist()[:3] == [1, 0, 1]) == returned
+    assert pruner.total_returns() == int(returned)
+    if returned:  # the returning filter gets its full scale back
+        assert torch.allclose(model[0].weight[1], torch.tensor(2.0))

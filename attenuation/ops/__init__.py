@@ -79,7 +79,8 @@ def select_weak(scores: Tensor, removed: Tensor, counts: Sequence[int], ks,
 
 
 def attenuate_(weights, biases, gammas, betas, weak: Tensor, status: Tensor, multiplier: Tensor,
-               factor: float, eps: float, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+               factor: float, eps: float, restore: bool = False,
+               backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
     """One attenuation step over the whole model, in place (see the reference for the rule).
     Returns flat bool masks (returned, newly_removed)."""
     if not 0.0 <= factor <= 1.0:
@@ -95,7 +96,7 @@ def attenuate_(weights, biases, gammas, betas, weak: Tensor, status: Tensor, mul
     device = _check_same_device([*weights, *biases, *gammas, *betas, weak, status, multiplier],
                                 "attenuate_")
     return get_backend(backend, device).attenuate_(weights, biases, gammas, betas, weak, status,
-                                                   multiplier, float(factor), float(eps))
+                                                   multiplier, float(factor), float(eps), bool(restore))
 
 
 def zero_removed_(weights, biases, gammas, betas, status: Tensor, backend: Optional[str] = None) -> None:
