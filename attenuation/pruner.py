@@ -35,13 +35,14 @@ class PruningConfig:
     # filter for good (a zero weight makes the BN input constant, so no gradient reaches gamma or
     # the weight again); Soft Filter Pruning therefore zeroes only the conv weights until removal.
     attenuate_bn: bool = True
-    # Treat the multiplier as a reversible soft mask: a weak filter is scored as if it were not
-    # attenuated (its score divided by its multiplier, for criteria that scale with the filter), and
-    # a filter that returns gets its full scale back. Without it the attenuation itself keeps a
-    # filter the weakest, so none can return (BN makes the weight scale invisible to training,
-    # which therefore never regrows it); and a filter that returned at a reduced scale would be
-    # weak again at once, cycling without ever reaching the removal threshold.
-    reversible: bool = True
+    # Treat the multiplier as a reversible soft mask (an option, off by default): a weak filter is
+    # scored as if it were not attenuated (its score divided by its multiplier, for criteria that
+    # scale with the filter) and a filter that returns gets its full scale back. Under the literal
+    # rule (off) an attenuated filter stays the weakest unless training regrows it, which behind a
+    # BatchNorm it hardly does, so returns are rare. On, filters return often: on the quick preset
+    # the weak set churned so much that no filter reached eps before the end of the phase (see
+    # docs/ARCHITECTURE.md).
+    reversible: bool = False
 
     def validate(self) -> "PruningConfig":
         get_criterion(self.criterion)
@@ -163,8 +164,11 @@ class Pruner:
             self.steps_weak += (weak & (self.status != ops.REMOVED)).int()
         weights, biases, gammas, betas = self._filter_tensors()
         bn = (gammas, betas) if self.config.attenuate_bn else ([None] * len(gammas), [None] * len(betas))
+        means = [layer.bn.running_mean if layer.bn is not None else None for layer in self.layers]
+        variances = [layer.bn.running_var if layer.bn is not None else None for layer in self.layers]
         returned, newly_removed = ops.attenuate_(weights, biases, *bn, weak, self.status, self.multiplier,
                                                  factor, eps, restore=self.config.reversible,
+                                                 running_means=means, running_vars=variances,
                                                  backend=self.backend)
         if not self.config.attenuate_bn:  # removal always zeroes the whole filter
             ops.zero_removed_(weights, biases, gammas, betas, self.status, backend=self.backend)

@@ -47,6 +47,7 @@ class Run:
 
     def __init__(self, config: RunConfig, *, resume: bool = False, progress: bool = True,
                  download: bool = False):
+        created = time.perf_counter()
         self.config = config.validate()
         self.out = Path(config.out) if config.out else default_out(config)
         self.device = resolve_device(config.device)
@@ -81,6 +82,7 @@ class Run:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
             (self.out / "metrics.jsonl").write_text("")
+        self.state["wall_seconds"] += time.perf_counter() - created  # data loading and setup
 
     # ------------------------------------------------------------------ setup
     def _to_device(self, model: nn.Module) -> nn.Module:
@@ -159,7 +161,7 @@ class Run:
             label_smoothing=self.config.label_smoothing,
             after_step=pruner.step if pruner is not None else None,
             progress=f"{phase} {epoch + 1}/{n_epochs}" if self.progress else None,
-            live_fraction=pruner.live_fraction if pruner is not None else (lambda: 1.0))
+            live_fraction=self._live_fraction)
         test_loss, test_acc = evaluate(self.model, self.test_loader)
         self.state["epoch_in_phase"] += 1
         self.state["global_epoch"] += 1
@@ -176,7 +178,11 @@ class Run:
                   f"test {test_acc:.2f}% live {row['live_fraction']:.2f} ({result.seconds:.0f}s)", flush=True)
 
     def _live_fraction(self) -> float:
-        return self.pruner.live_fraction() if self.pruner is not None else 1.0
+        """Live filters over the original model's filters, also after physical removal."""
+        if self.pruner is not None:
+            return self.pruner.live_fraction()
+        record = self.state["record"]
+        return 1.0 - record["removed_filters"] / record["filters"]
 
     def _end_phase(self, phase: str) -> None:
         if phase == "attenuation":

@@ -104,6 +104,28 @@ def test_attenuate_restores_returning_filters():
     assert mult.tolist()[:3] == [1, 0.25, 1]
 
 
+def test_attenuate_keeps_batchnorm_statistics_consistent():
+    """Eval mode after an attenuation step equals eval mode of the same scaling done by hand."""
+    torch.manual_seed(0)
+    conv, bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+    net = torch.nn.Sequential(conv, bn)
+    net.train()
+    for _ in range(5):
+        net(torch.randn(8, 3, 6, 6))
+    net.eval()
+    x = torch.randn(2, 3, 6, 6)
+    before = net(x)
+    status = torch.tensor([0, 1, 0, 0], dtype=torch.uint8)
+    mult = torch.tensor([1, 0.5, 1, 1])
+    weak = torch.tensor([1, 0, 0, 0], dtype=torch.bool)
+    ops.attenuate_([conv.weight], [conv.bias], [bn.weight], [bn.bias], weak, status, mult, 0.5, 0.01,
+                   restore=True, running_means=[bn.running_mean], running_vars=[bn.running_var])
+    after = net(x)
+    torch.testing.assert_close(after[:, 0], before[:, 0] * 0.5, rtol=1e-3, atol=1e-3)  # attenuated
+    torch.testing.assert_close(after[:, 1], before[:, 1] * 2, rtol=1e-3, atol=1e-3)    # restored
+    torch.testing.assert_close(after[:, 2:], before[:, 2:])
+
+
 def test_attenuate_validates():
     weights, biases, gammas, betas = _layers()
     status = torch.zeros(7, dtype=torch.uint8)

@@ -222,6 +222,7 @@ def test_reversible_multiplier_lets_attenuated_filters_return(reversible, return
         model[0].weight.copy_(torch.arange(1, 9, dtype=torch.float32).view(8, 1, 1, 1))
     pruner = Pruner(model, PruningConfig(ratio=0.25, ramp="constant", factor=0.5, eps=0.01,
                                          interval=1, reversible=reversible))
+    assert not PruningConfig().reversible  # off by default: the literal rule
     pruner.start(10)
     pruner.step()
     assert pruner.status.tolist()[:3] == [1, 1, 0]

@@ -79,15 +79,20 @@ def select_weak(scores: Tensor, removed: Tensor, counts: Sequence[int], ks,
 
 
 def attenuate_(weights, biases, gammas, betas, weak: Tensor, status: Tensor, multiplier: Tensor,
-               factor: float, eps: float, restore: bool = False,
-               backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+               factor: float, eps: float, restore: bool = False, running_means=None,
+               running_vars=None, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
     """One attenuation step over the whole model, in place (see the reference for the rule).
-    Returns flat bool masks (returned, newly_removed)."""
+    ``running_means`` / ``running_vars``: the following BatchNorms' statistics (or None), kept
+    consistent with the scaled conv outputs. Returns flat bool masks (returned, newly_removed)."""
     if not 0.0 <= factor <= 1.0:
         raise ValueError(f"attenuation factor must be in [0, 1], got {factor}")
     if eps < 0:
         raise ValueError(f"removal threshold eps must be >= 0, got {eps}")
     total = _check_filter_lists(weights, biases, gammas, betas, "attenuate_")
+    no_stats = [None] * len(weights)
+    running_means = list(running_means) if running_means is not None else no_stats
+    running_vars = list(running_vars) if running_vars is not None else no_stats
+    _check_filter_lists(weights, running_means, running_vars, no_stats, "attenuate_ (running stats)")
     for name, t, dtype in (("weak", weak, torch.bool), ("status", status, torch.uint8),
                            ("multiplier", multiplier, torch.float32)):
         if t.shape != (total,) or t.dtype != dtype:
@@ -96,7 +101,8 @@ def attenuate_(weights, biases, gammas, betas, weak: Tensor, status: Tensor, mul
     device = _check_same_device([*weights, *biases, *gammas, *betas, weak, status, multiplier],
                                 "attenuate_")
     return get_backend(backend, device).attenuate_(weights, biases, gammas, betas, weak, status,
-                                                   multiplier, float(factor), float(eps), bool(restore))
+                                                   multiplier, float(factor), float(eps), bool(restore),
+                                                   running_means, running_vars)
 
 
 def zero_removed_(weights, biases, gammas, betas, status: Tensor, backend: Optional[str] = None) -> None:

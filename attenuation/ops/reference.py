@@ -57,13 +57,17 @@ def _scale_filters_(tensors: Sequence[Optional[Tensor]], scale: Tensor) -> None:
 def attenuate_(weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
                gammas: Sequence[Optional[Tensor]], betas: Sequence[Optional[Tensor]],
                weak: Tensor, status: Tensor, multiplier: Tensor, factor: float,
-               eps: float, restore: bool = False) -> tuple[Tensor, Tensor]:
+               eps: float, restore: bool = False,
+               running_means: Optional[Sequence[Optional[Tensor]]] = None,
+               running_vars: Optional[Sequence[Optional[Tensor]]] = None) -> tuple[Tensor, Tensor]:
     """One attenuation step, in place over the whole model.
 
     Weak, not yet removed filters are scaled by ``factor`` (weight row, bias, gamma, beta) and their
     multiplier too; one whose multiplier falls below ``eps`` is zeroed and marked removed. A filter
     that was weak and is no longer in the weak set returns: active again, multiplier 1, and with
     ``restore`` its parameters are divided by its old multiplier (the attenuation is undone).
+    The following BatchNorm's running mean and variance, when given, follow the conv's output
+    (times s and s^2 for a filter scaled by s), so eval mode sees what train mode sees.
     Returns flat bool masks (returned, newly_removed).
     """
     was_removed = status == REMOVED
@@ -77,10 +81,13 @@ def attenuate_(weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
         undo = returned & (multiplier > 0)
         kept_scale = torch.where(undo, 1.0 / multiplier.clamp_min(1e-30), kept_scale)
     scale = torch.where(removed, 0.0, kept_scale).float()
+    no_stats = [None] * len(weights)
     start = 0
-    for w, b, g, bt in zip(weights, biases, gammas, betas):
+    for w, b, g, bt, mean, var in zip(weights, biases, gammas, betas, running_means or no_stats,
+                                      running_vars or no_stats):
         n = w.shape[0]
-        _scale_filters_((w, b, g, bt), scale[start:start + n])
+        _scale_filters_((w, b, g, bt, mean), scale[start:start + n])
+        _scale_filters_((var,), scale[start:start + n].square())
         start += n
     status.copy_(torch.where(removed, REMOVED, torch.where(weak, WEAK, ACTIVE)).to(status.dtype))
     multiplier.copy_(torch.where(removed, 0.0, new_mult))
