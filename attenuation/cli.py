@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument("--factor", type=float, help="attenuation factor a in [0, 1]")
     method.add_argument("--eps", type=float, help="removal threshold on the multiplier a^k")
     method.add_argument("--interval", type=_interval, help="optimizer steps between attenuation steps, or 'epoch'")
+    method.add_argument("--reversible", action="store_true", default=None,
+                        help="score weak filters as if unattenuated and restore returning ones")
     method.add_argument("--round-to", type=int, help="round kept channels up to a multiple of this at removal")
     model = run.add_argument_group("model and training")
     model.add_argument("--depth", type=int, choices=[11, 13, 16, 19])
@@ -65,7 +67,7 @@ def main(argv=None) -> int:
         config = preset_config(
             args.preset, method=args.method, criterion=args.criterion, ratio=args.ratio,
             scope=args.scope, ramp=args.ramp, factor=args.factor, eps=args.eps,
-            interval=args.interval, round_to=args.round_to, depth=args.depth, width=args.width,
+            interval=args.interval, reversible=args.reversible, round_to=args.round_to, depth=args.depth, width=args.width,
             epochs={k: v for k, v in epochs.items() if v is not None} or None,
             batch_size=args.batch_size, lr=args.lr, seed=args.seed, data=args.data,
             device=args.device, backend=args.backend, out=args.out)

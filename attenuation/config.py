@@ -22,6 +22,7 @@ class RunConfig:
     factor: Optional[float] = None
     eps: Optional[float] = None
     interval: Optional[Union[int, str]] = None
+    reversible: Optional[bool] = None
     # the model
     depth: int = 16
     width: float = 0.25
@@ -47,7 +48,7 @@ class RunConfig:
     def pruning_config(self):
         return method_config(self.method, criterion=self.criterion, ratio=self.ratio,
                              scope=self.scope, ramp=self.ramp, factor=self.factor, eps=self.eps,
-                             interval=self.interval)
+                             interval=self.interval, reversible=self.reversible)
 
     def validate(self) -> "RunConfig":
         self.pruning_config()  # method, criterion, ratio, factor, ... checked there
