@@ -16,7 +16,7 @@ class RunConfig:
     # the pruning method and its rule (None = the method's preset value)
     method: str = "attenuation"
     criterion: str = "l1"
-    ratio: float = 0.4
+    ratio: float = 0.35
     scope: str = "layer"
     ramp: Optional[str] = None
     factor: Optional[float] = None

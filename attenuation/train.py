@@ -21,6 +21,9 @@ class EpochResult:
     images: int
 
 
+PRUNING_LR_FRACTION = 0.4
+
+
 def lr_at(phase: str, step: int, total: int, peak: float) -> float:
     """The learning rate of each phase as a pure function of the step (so resuming needs no
     scheduler state): the baseline warms up over its first 15% then decays linearly to zero; the
@@ -31,9 +34,9 @@ def lr_at(phase: str, step: int, total: int, peak: float) -> float:
         warm = 0.15
         return peak * (0.1 + 0.9 * progress / warm) if progress < warm else peak * (1 - progress) / (1 - warm)
     if phase == "attenuation":
-        return 0.4 * peak
+        return PRUNING_LR_FRACTION * peak
     if phase == "recovery":
-        return 0.4 * peak * (1 - progress)
+        return PRUNING_LR_FRACTION * peak * (1 - progress)
     if phase == "finetune":
         return 0.1 * peak * (1 - progress)
     raise ValueError(f"unknown phase {phase!r}")
