@@ -47,7 +47,8 @@ def _native_extensions():
 ext_modules, cmdclass = _native_extensions()
 
 setup(
-    packages=find_packages(include=["attenuation", "attenuation.*"]),
+    packages=find_packages(include=["attenuation", "attenuation.*"]) + ["attenuation_triton"],
+    package_dir={"attenuation_triton": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

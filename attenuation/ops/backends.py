@@ -3,6 +3,9 @@
 ``reference`` is always registered. Faster backends (``triton``, ``native``) register themselves when
 their package imports; the default per device type is the fastest one registered for it, unless
 :func:`set_default_backend` or the ``ATTENUATION_BACKEND`` environment variable says otherwise.
+``triton`` (the ``attenuation_triton`` package, from kernels/) is registered for CUDA tensors, and for
+CPU tensors too when Triton's interpreter runs its kernels (``TRITON_INTERPRET=1``), but not as the
+default: it becomes preferred only once measured faster on a GPU.
 """
 from __future__ import annotations
 
@@ -56,3 +59,24 @@ def get_backend(name: Optional[str], device: torch.device):
     except KeyError:
         raise ValueError(f"backend {name!r} is not available: available are "
                          f"{', '.join(available_backends())}") from None
+
+
+def register_triton_backend() -> bool:
+    """Register ``attenuation_triton`` as ``"triton"`` (not preferred) if it and triton import.
+
+    CUDA tensors; CPU tensors as well when the kernels run under Triton's interpreter. Returns
+    whether it is registered. Never raises: without triton there is simply no triton backend.
+    """
+    try:
+        import attenuation_triton
+    except Exception:
+        return False
+    implementation = getattr(attenuation_triton, "backend", None)
+    if implementation is None:  # the package imported, triton did not
+        return False
+    device_types = ("cuda", "cpu") if implementation.INTERPRET else ("cuda",)
+    register_backend("triton", implementation, device_types=device_types, preferred=False)
+    return True
+
+
+register_triton_backend()
