@@ -84,8 +84,8 @@ def test_cli_runs_and_reports_bad_input(tiny_npz, tmp_path, capsys):
     assert "factor" in capsys.readouterr().err
     assert main(["run", "--preset", "smoke", "--data", str(tmp_path / "nowhere.npz")]) == 2
     assert "nowhere.npz" in capsys.readouterr().err
-    assert main(["run", "--preset", "smoke", "--backend", "triton", "--data", str(tiny_npz)]) == 2
-    assert "backend 'triton' is not available" in capsys.readouterr().err
+    assert main(["run", "--preset", "smoke", "--backend", "warp", "--data", str(tiny_npz)]) == 2
+    assert "backend 'warp' is not available" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(["run", "--preset", "smoke", "--device", "cuda", "--data", str(tiny_npz)]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
