@@ -49,13 +49,22 @@ def test_masked_conv_forward_backward(benchmark, device, live, impl):
     benchmark(step)
 
 
-@pytest.mark.parametrize("impl", ["pruner", "eager_per_layer"])
+@pytest.mark.parametrize("impl", ["pruner", "pruner_triton", "eager_per_layer"])
 def test_attenuation_step(benchmark, device, impl):
     """The whole attenuation step (norms, select, attenuate) of VGG-16 against a per-layer eager
-    PyTorch loop that a user would write."""
+    PyTorch loop that a user would write. ``pruner`` runs on the device's default backend,
+    ``pruner_triton`` on the Triton kernels (one launch per op over the whole model)."""
+    backend = None
+    if impl == "pruner_triton":
+        if device.type != "cuda":
+            pytest.skip("the triton backend is benchmarked on CUDA only (on the CPU it exists only "
+                        "under Triton's interpreter, which is a test harness, not a speed)")
+        if "triton" not in ops.available_backends():
+            pytest.skip("no triton backend: triton or attenuation_triton cannot be imported")
+        backend = "triton"
     torch.manual_seed(0)
     model = vgg(16, width=1.0 if device.type == "cuda" else 0.25).to(device)
-    pruner = Pruner(model, method_config("attenuation", ratio=0.5, interval=1))
+    pruner = Pruner(model, method_config("attenuation", ratio=0.5, interval=1), backend=backend)
     pruner.start(10 ** 9)
     convs = [layer.conv for layer in pruner.layers]
     bns = [layer.bn for layer in pruner.layers]
@@ -73,4 +82,5 @@ def test_attenuation_step(benchmark, device, impl):
         pruner.attenuation_step()
         _sync(device)
 
-    benchmark(ours if impl == "pruner" else eager)
+    benchmark.extra_info.update(backend=backend or "default", device=str(device))
+    benchmark(eager if impl == "eager_per_layer" else ours)

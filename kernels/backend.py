@@ -1,0 +1,314 @@
+"""The Triton backend: the five ops of :mod:`attenuation.ops.reference`, same signatures.
+
+``filter_norms``, ``select_weak``, ``attenuate_`` and ``zero_removed_`` are one kernel launch each
+over the whole model (one per distinct weight dtype for ``filter_norms``, one per distinct
+combination of parameter dtypes for the other two; a model of one dtype takes one launch). They
+never read a device value on the host: the tables of addresses and shapes are built from host
+metadata only, and uploaded once per distinct content (cached, see ``_device_table``).
+``masked_conv2d`` is not written yet: it delegates to the reference implementation.
+
+Tensor contract:
+- A weight is read (and written, for the in-place ops) where it lies when each filter's elements
+  fill one dense block (``_rows_dense``): contiguous, channels-last, any permutation of the inner
+  dimensions, any filter stride. Other weights are copied with ``.contiguous()`` first; for the
+  in-place ops the copy is scaled and written back with ``copy_`` after the launch (extra
+  operations, still no synchronisation). 1-D per-filter tensors may have any stride.
+- Supported dtypes: float16, bfloat16, float32, float64 (``filter_norms`` converts other floating
+  weights to float32, as the reference does; the in-place ops raise TypeError for them).
+- Devices: CUDA tensors; CPU tensors only under Triton's interpreter (``TRITON_INTERPRET=1``),
+  which is how the kernels are tested without a GPU.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections import OrderedDict
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import attenuate as _attenuate
+from . import filter_norms as _filter_norms
+from . import select_weak as _select_weak
+
+INTERPRET = not isinstance(_filter_norms.filter_norms_kernel, triton.runtime.jit.JITFunction)
+"""True when Triton's interpreter runs the kernels (TRITON_INTERPRET=1 when they were decorated):
+``triton.jit`` then returns an interpreted function instead of a JITFunction."""
+
+ACTIVE, WEAK, REMOVED = _attenuate.ACTIVE, _attenuate.WEAK, _attenuate.REMOVED
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+              torch.float64: tl.float64}
+
+# Block sizes (powers of two). The tests shrink them to exercise the block boundaries.
+TUNING = {
+    "norms_tile": 4096,          # BLOCK_F * BLOCK_K of filter_norms
+    "norms_max_block_k": 128,    # BLOCK_K = next power of two of the longest row, at most this
+    "attenuate_block_f": 32,
+    "attenuate_block_k": 128,
+    "select_block_i": 64,
+    "select_block_j": 64,
+}
+
+
+def _empty(shape, dtype, device) -> Tensor:
+    """Allocation of every fresh output (the tests poison it to catch unwritten elements)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _check_device(device: torch.device) -> None:
+    if INTERPRET:
+        if device.type != "cpu":
+            raise RuntimeError("the triton backend runs under Triton's interpreter (TRITON_INTERPRET=1): "
+                               f"it takes CPU tensors only, got {device.type} tensors")
+    elif device.type != "cuda":
+        raise RuntimeError(f"the triton backend takes CUDA tensors, got {device.type} tensors "
+                           "(CPU tensors run only under TRITON_INTERPRET=1)")
+
+
+def _launch_context(device: torch.device):
+    """Kernels launch on the current CUDA device: make it the tensors' device."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    import contextlib
+    return contextlib.nullcontext()
+
+
+_TABLE_CACHE: "OrderedDict[tuple, Tensor]" = OrderedDict()
+_TABLE_CACHE_SIZE = 64
+
+
+def _device_table(values: list[int], device: torch.device) -> Tensor:
+    """``values`` as an int64 tensor on ``device``, uploaded once per distinct content.
+
+    The table is a pure function of its values (addresses included), so a cached copy is always
+    right, even if a tensor was freed and another allocated at the same address. On CUDA the upload
+    goes through pinned memory, asynchronously (no synchronisation).
+    """
+    key = (device, tuple(values))
+    table = _TABLE_CACHE.get(key)
+    if table is not None:
+        _TABLE_CACHE.move_to_end(key)
+        return table
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":
+        table = host.pin_memory().to(device, non_blocking=True)
+    else:
+        table = host.to(device)
+    _TABLE_CACHE[key] = table
+    while len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
+        _TABLE_CACHE.popitem(last=False)
+    return table
+
+
+def _tables(layer_rows: list[list[int]], counts: Sequence[int], block: int, device: torch.device):
+    """Upload the layer table and the block table (layer, first filter) of one program per block
+    of ``block`` filters; returns (layers, blocks, number of blocks)."""
+    blocks = [v for layer, n in enumerate(counts) for f0 in range(0, n, block) for v in (layer, f0)]
+    flat = [v for row in layer_rows for v in row]
+    table = _device_table(flat + blocks, device)
+    return table[:len(flat)], table[len(flat):], len(blocks) // 2
+
+
+def _rows_dense(t: Tensor) -> bool:
+    """Does every filter (index along dim 0) fill one dense block of t[0].numel() elements?"""
+    if t.shape[0] == 0 or _row_len(t) == 0:
+        return True
+    dims = sorted((stride, size) for size, stride in zip(t.shape[1:], t.stride()[1:]) if size != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _row_len(t: Tensor) -> int:
+    return math.prod(t.shape[1:])
+
+
+def _f32(x: float) -> float:
+    """x rounded to float32 (what the kernel receives; huge values become inf, as in torch)."""
+    with np.errstate(over="ignore"):
+        return float(np.float32(x))
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+# ------------------------------------------------------------------------------------------ norms
+
+def filter_norms(weights: Sequence[Tensor], ord: str) -> Tensor:
+    """Per-filter norm of every weight (filter = index along dim 0), concatenated, float32."""
+    if ord not in _filter_norms.ORD_CODES:
+        raise ValueError(f"unknown norm {ord!r}: expected 'l1', 'l2' or 'linf'")
+    weights = [w.detach() for w in weights]
+    device = weights[0].device
+    _check_device(device)
+    total = sum(w.shape[0] for w in weights)
+    out = _empty((total,), torch.float32, device)
+    groups: dict = {}
+    keep_alive = []                     # copies read by the kernel, alive until it is enqueued
+    offset = 0
+    for w in weights:
+        n = w.shape[0]
+        if n:
+            if w.dtype not in _TL_DTYPES:
+                w = w.float()           # the reference's own conversion
+            if not _rows_dense(w):
+                w = w.contiguous()
+            keep_alive.append(w)
+            groups.setdefault(w.dtype, []).append((offset, w))
+        offset += n
+    with _launch_context(device):
+        for dtype, items in groups.items():
+            max_k = max(_row_len(w) for _, w in items)
+            block_k = max(1, min(TUNING["norms_max_block_k"], _next_pow2(max_k)))
+            block_f = max(1, TUNING["norms_tile"] // block_k)
+            rows = [[off, w.shape[0], _row_len(w), w.data_ptr(), w.stride(0)] for off, w in items]
+            layers, blocks, n_blocks = _tables(rows, [w.shape[0] for _, w in items], block_f, device)
+            _filter_norms.launch(layers, blocks, out, n_blocks, _TL_DTYPES[dtype], ord, block_f, block_k)
+    del keep_alive
+    return out
+
+
+# ----------------------------------------------------------------------------------------- select
+
+def select_weak(scores: Tensor, removed: Tensor, counts: Sequence[int], ks: Tensor) -> Tensor:
+    """Per layer, mark the ``ks[l]`` lowest-scoring filters: removed filters first, then by score,
+    ties broken by lower index. Returns a flat bool mask."""
+    device = scores.device
+    _check_device(device)
+    counts = [int(c) for c in counts]
+    scores = scores.float().contiguous()
+    removed_u8 = removed.contiguous().view(torch.uint8)
+    ks = ks.to(device=device, dtype=torch.int64).contiguous()
+    out = _empty((sum(counts),), torch.uint8, device)
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    block_i = TUNING["select_block_i"]
+    layers, blocks, n_blocks = _tables([[s, n] for s, n in zip(starts, counts)], counts, block_i, device)
+    if n_blocks:
+        with _launch_context(device):
+            _select_weak.launch(layers, blocks, scores, removed_u8, ks, out, n_blocks, block_i,
+                                TUNING["select_block_j"])
+    return out.view(torch.bool)
+
+
+# -------------------------------------------------------------------------------- attenuate, zero
+
+_SLOTS = ("bias", "gamma", "beta", "running mean", "running var")
+
+
+def _scale_filters(weights, vectors, status: Tensor, multiplier: Optional[Tensor], weak: Optional[Tensor],
+                   factor: float, eps: float, restore: bool, zero_only: bool):
+    """Shared host side of attenuate_ and zero_removed_: tables, dtype groups, launches."""
+    device = status.device
+    _check_device(device)
+    total = status.shape[0]
+    if zero_only:
+        returned = newly = None
+        mult_arg = weak_arg = returned_arg = newly_arg = status       # never touched
+    else:
+        returned = _empty((total,), torch.uint8, device)
+        newly = _empty((total,), torch.uint8, device)
+        mult_arg, weak_arg, returned_arg, newly_arg = multiplier, weak.contiguous().view(torch.uint8), returned, newly
+    dummy = status.data_ptr()           # a valid address for missing tensors, never dereferenced
+    written: list[Tensor] = []          # tensors modified in place: autograd version counters
+    write_back: list[tuple[Tensor, Tensor]] = []
+    groups: dict = {}
+    start = 0
+    for i, w in enumerate(weights):
+        n = w.shape[0]
+        if w.dtype not in _TL_DTYPES:
+            raise TypeError(f"triton backend: layer {i} weight has dtype {w.dtype}; supported are "
+                            "float16, bfloat16, float32, float64")
+        written.append(w)
+        data = w.detach()
+        k = _row_len(data)
+        if not (_rows_dense(data) and (n <= 1 or data.stride(0) >= k)):
+            copy = data.contiguous()
+            write_back.append((data, copy))
+            data = copy
+        row = [start, n, k, data.data_ptr(), data.stride(0)]
+        dtypes = [_TL_DTYPES[w.dtype]]
+        for slot, t in zip(_SLOTS, vectors[i]):
+            if t is None:
+                row += [dummy, 0, 0]
+                dtypes.append(tl.float32)
+                continue
+            if t.dtype not in _TL_DTYPES:
+                raise TypeError(f"triton backend: layer {i} {slot} has dtype {t.dtype}; supported are "
+                                "float16, bfloat16, float32, float64")
+            written.append(t)
+            v = t.detach()
+            if n > 1 and v.stride(0) == 0:   # overlapping elements: let copy_ say what the reference says
+                copy = v.contiguous()
+                write_back.append((v, copy))
+                v = copy
+            row += [v.data_ptr(), v.stride(0), 1]
+            dtypes.append(_TL_DTYPES[t.dtype])
+        groups.setdefault(tuple(dtypes), []).append((row, n))
+        start += n
+    block_f, block_k = TUNING["attenuate_block_f"], TUNING["attenuate_block_k"]
+    with _launch_context(device):
+        for dtypes, items in groups.items():
+            layers, blocks, n_blocks = _tables([row for row, _ in items], [n for _, n in items], block_f, device)
+            if n_blocks:
+                _attenuate.launch(layers, blocks, status, mult_arg, weak_arg, returned_arg, newly_arg, n_blocks,
+                                  _f32(factor), _f32(eps), dtypes, zero_only, restore, block_f, block_k)
+    for target, copy in write_back:
+        target.copy_(copy)
+    if not zero_only:
+        written += [status, multiplier]
+    torch.autograd.graph.increment_version(written)
+    return returned, newly
+
+
+def attenuate_(weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
+               gammas: Sequence[Optional[Tensor]], betas: Sequence[Optional[Tensor]],
+               weak: Tensor, status: Tensor, multiplier: Tensor, factor: float,
+               eps: float, restore: bool = False,
+               running_means: Optional[Sequence[Optional[Tensor]]] = None,
+               running_vars: Optional[Sequence[Optional[Tensor]]] = None) -> tuple[Tensor, Tensor]:
+    """One attenuation step in place over the whole model, the rule of the reference's
+    ``attenuate_``; returns flat bool masks (returned, newly_removed)."""
+    for name, t in (("status", status), ("multiplier", multiplier)):
+        if not t.is_contiguous():
+            raise ValueError(f"triton backend: {name} must be contiguous (it is updated in place)")
+    no_stats = [None] * len(weights)
+    vectors = list(zip(biases, gammas, betas, running_means or no_stats, running_vars or no_stats))
+    returned, newly = _scale_filters(weights, vectors, status, multiplier, weak, factor, eps, restore,
+                                     zero_only=False)
+    return returned.view(torch.bool), newly.view(torch.bool)
+
+
+def zero_removed_(weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
+                  gammas: Sequence[Optional[Tensor]], betas: Sequence[Optional[Tensor]],
+                  status: Tensor) -> None:
+    """Zero (multiply by 0, as the reference does) every removed filter's weight row, bias, gamma, beta."""
+    vectors = [(b, g, bt, None, None) for b, g, bt in zip(biases, gammas, betas)]
+    _scale_filters(weights, vectors, status.contiguous(), None, None, 1.0, 0.0, False, zero_only=True)
+
+
+# ------------------------------------------------------------------------------------ masked conv
+
+_warned_masked_conv = False
+
+
+def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_index: Optional[Tensor],
+                  in_index: Optional[Tensor], scale: Optional[Tensor], stride, padding, dilation,
+                  groups: int = 1) -> Tensor:
+    """Not a Triton kernel yet: the reference implementation (warns once per process)."""
+    global _warned_masked_conv
+    if not _warned_masked_conv:
+        _warned_masked_conv = True
+        warnings.warn("attenuation_triton: masked_conv2d has no Triton kernel yet; the triton backend "
+                      "runs the reference implementation for it", stacklevel=2)
+    from attenuation.ops import reference
+    return reference.masked_conv2d(x, weight, bias, out_index, in_index, scale, stride, padding,
+                                   dilation, groups)
