@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from .methods import method_config
+from .overrides import apply_overrides
 
 PHASES = ("baseline", "attenuation", "recovery", "finetune")
 
@@ -89,11 +90,7 @@ def preset_config(preset: str = "quick", **overrides) -> RunConfig:
     """The preset with fields overridden (None values are ignored)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: available are {', '.join(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(RunConfig)}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise ValueError(f"unknown run options: {', '.join(sorted(unknown))}")
-    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    values = apply_overrides(RunConfig, PRESETS[preset], overrides, "run")
     if "epochs" in overrides and overrides["epochs"] is not None:
         values["epochs"] = {**RunConfig().epochs, **PRESETS[preset].get("epochs", {}), **overrides["epochs"]}
     return RunConfig(preset=preset, **values).validate()

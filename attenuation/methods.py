@@ -1,8 +1,7 @@
 """The pruning methods, all presets of one engine (DESIGN.md section 1)."""
 from __future__ import annotations
 
-import dataclasses
-
+from .overrides import apply_overrides
 from .pruner import PruningConfig
 
 METHODS: dict[str, dict] = {
@@ -29,9 +28,4 @@ def method_config(method: str, **overrides) -> PruningConfig:
     """The preset ``method`` with any field overridden (None values are ignored)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: available are {', '.join(available_methods())}")
-    fields = {f.name for f in dataclasses.fields(PruningConfig)}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise ValueError(f"unknown pruning options: {', '.join(sorted(unknown))}")
-    values = {**METHODS[method], **{k: v for k, v in overrides.items() if v is not None}}
-    return PruningConfig(**values).validate()
+    return PruningConfig(**apply_overrides(PruningConfig, METHODS[method], overrides, "pruning")).validate()
