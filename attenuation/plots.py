@@ -110,7 +110,8 @@ def plot_training_curves(metrics: list[dict], path) -> Path:
     _plot_series(ax_live, epochs, _column(metrics, "live_fraction"), color="#333333")
 
     ax_acc.set_ylabel("accuracy (%)")
-    ax_loss.set_ylabel("loss")
+    ax_loss.set_ylabel("loss (log scale)")
+    ax_loss.set_yscale("log")  # a spike (e.g. right after a one-shot removal) would flatten the rest
     ax_live.set_ylabel("live filter fraction")
     ax_live.set_ylim(-0.02, 1.05)
     ax_live.set_xlabel("epoch")
