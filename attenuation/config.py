@@ -52,6 +52,8 @@ class RunConfig:
                              interval=self.interval, reversible=self.reversible)
 
     def validate(self) -> "RunConfig":
+        if self.method == "none":  # the control prunes nothing, whatever ratio the preset carries
+            self.ratio = 0.0
         self.pruning_config()  # method, criterion, ratio, factor, ... checked there
         if set(self.epochs) != set(PHASES):
             raise ValueError(f"epochs must name exactly the phases {PHASES}, got {sorted(self.epochs)}")

@@ -78,6 +78,11 @@ def test_cli_runs_and_reports_bad_input(tiny_npz, tmp_path, capsys):
     assert main(["run", "--preset", "smoke", "--data", str(tiny_npz), "--out", str(tmp_path / "cli"),
                  "--no-progress", "--method", "hard"]) == 0
     assert json.loads(capsys.readouterr().out)["method"] == "hard"
+    assert main(["run", "--preset", "smoke", "--data", str(tiny_npz), "--out", str(tmp_path / "none"),
+                 "--no-progress", "--method", "none"]) == 0
+    control = json.loads(capsys.readouterr().out)
+    assert control["ratio"] == 0 and control["removed_filters"] == 0
+    assert control["pruned"]["macs"] == control["baseline"]["macs"]
     assert main(["run", "--preset", "smoke", "--ratio", "1.5", "--data", str(tiny_npz)]) == 2
     assert "ratio must be in [0, 1)" in capsys.readouterr().err
     assert main(["run", "--preset", "smoke", "--factor", "2", "--data", str(tiny_npz)]) == 2
