@@ -5,7 +5,9 @@ over the whole model (one per distinct weight dtype for ``filter_norms``, one pe
 combination of parameter dtypes for the other two; a model of one dtype takes one launch). They
 never read a device value on the host: the tables of addresses and shapes are built from host
 metadata only, and uploaded once per distinct content (cached, see ``_device_table``).
-``masked_conv2d`` is not written yet: it delegates to the reference implementation.
+``masked_conv2d`` runs the implicit-GEMM kernels of :mod:`.masked_conv2d` (forward and backward,
+registered as torch custom ops); cases they do not cover fall back to the reference with a
+one-time warning.
 
 Tensor contract:
 - A weight is read (and written, for the in-place ops) where it lies when each filter's elements
@@ -33,6 +35,7 @@ from torch import Tensor
 
 from . import attenuate as _attenuate
 from . import filter_norms as _filter_norms
+from . import masked_conv2d as _masked_conv2d
 from . import select_weak as _select_weak
 
 INTERPRET = not isinstance(_filter_norms.filter_norms_kernel, triton.runtime.jit.JITFunction)
@@ -303,12 +306,25 @@ _warned_masked_conv = False
 def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_index: Optional[Tensor],
                   in_index: Optional[Tensor], scale: Optional[Tensor], stride, padding, dilation,
                   groups: int = 1) -> Tensor:
-    """Not a Triton kernel yet: the reference implementation (warns once per process)."""
-    global _warned_masked_conv
-    if not _warned_masked_conv:
-        _warned_masked_conv = True
-        warnings.warn("attenuation_triton: masked_conv2d has no Triton kernel yet; the triton backend "
-                      "runs the reference implementation for it", stacklevel=2)
-    from attenuation.ops import reference
-    return reference.masked_conv2d(x, weight, bias, out_index, in_index, scale, stride, padding,
-                                   dilation, groups)
+    """The reference's masked convolution as Triton implicit-GEMM kernels (forward and backward,
+    see :mod:`attenuation_triton.masked_conv2d`). Cases the kernels do not cover (groups != 1,
+    other dtypes, string padding, autocast, ...) run the reference implementation, with a warning
+    once per process."""
+    why = _masked_conv2d.unsupported(x, weight, bias, scale, stride, padding, dilation, groups)
+    if why is not None:
+        global _warned_masked_conv
+        if not _warned_masked_conv:
+            _warned_masked_conv = True
+            warnings.warn(f"attenuation_triton: masked_conv2d has no Triton kernel for {why}; the triton "
+                          "backend runs the reference implementation for it", stacklevel=2)
+        from attenuation.ops import reference
+        return reference.masked_conv2d(x, weight, bias, out_index, in_index, scale, stride, padding,
+                                       dilation, groups)
+    _check_device(x.device)
+    out_index = None if out_index is None else out_index.contiguous()
+    in_index = None if in_index is None else in_index.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    scale = None if scale is None else scale.contiguous()
+    with _launch_context(x.device):
+        return _masked_conv2d.masked_conv2d(x, weight, bias, out_index, in_index, scale, stride, padding,
+                                            dilation)

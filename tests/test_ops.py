@@ -1,5 +1,4 @@
 """The ops facade and its reference backend, checked against plain-Python statements of the rule."""
-import math
 
 import pytest
 import torch

@@ -11,7 +11,6 @@ import pathlib
 import subprocess
 import sys
 import textwrap
-import warnings
 
 import pytest
 import torch
@@ -412,19 +411,6 @@ def test_zero_removed_matches_reference(seed):
 
 
 # ------------------------------------------------------------------------- masked conv, facade
-
-def test_masked_conv2d_delegates_to_the_reference_and_warns_once(monkeypatch):
-    monkeypatch.setattr(B, "_warned_masked_conv", False)
-    x, w, b = (torch.randn(*shape).to(DEVICE) for shape in ((2, 4, 6, 6), (5, 4, 3, 3), (5,)))
-    out_index, in_index = torch.tensor([0, 3], device=DEVICE), torch.tensor([1, 2, 3], device=DEVICE)
-    with pytest.warns(UserWarning, match="masked_conv2d has no Triton kernel"):
-        got = ops.masked_conv2d(x, w, b, out_index, in_index, None, 1, 1, 1, backend="triton")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        ops.masked_conv2d(x, w, b, out_index, in_index, None, 1, 1, 1, backend="triton")
-    torch.testing.assert_close(got, ops.masked_conv2d(x, w, b, out_index, in_index, None, 1, 1, 1,
-                                                      backend="reference"))
-
 
 def _net(width=6):
     nn = torch.nn
