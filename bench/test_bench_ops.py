@@ -26,10 +26,21 @@ def _layer(device):
     return (128, 64, 16) if device.type == "cpu" else (128, 256, 8)
 
 
+def _triton_or_skip(device) -> str:
+    if device.type != "cuda":
+        pytest.skip("the triton backend is benchmarked on CUDA only (on the CPU it exists only "
+                    "under Triton's interpreter, which is a test harness, not a speed)")
+    if "triton" not in ops.available_backends():
+        pytest.skip("no triton backend: triton or attenuation_triton cannot be imported")
+    return "triton"
+
+
 @pytest.mark.parametrize("live", LIVE_FRACTIONS)
-@pytest.mark.parametrize("impl", ["masked_conv2d", "dense_zero_masked"])
+@pytest.mark.parametrize("impl", ["masked_conv2d", "masked_conv2d_triton", "dense_zero_masked"])
 def test_masked_conv_forward_backward(benchmark, device, live, impl):
-    """Masked conv (reference backend) vs cuDNN/oneDNN on the full, zero-masked weight."""
+    """Masked conv (reference backend, and the Triton kernel on a GPU) vs cuDNN/oneDNN on the full,
+    zero-masked weight."""
+    backend = _triton_or_skip(device) if impl == "masked_conv2d_triton" else "reference"
     torch.manual_seed(0)
     n, c, hw = _layer(device)
     x = torch.randn(n, c, hw, hw, device=device).to(memory_format=torch.channels_last).requires_grad_()
@@ -38,8 +49,8 @@ def test_masked_conv_forward_backward(benchmark, device, live, impl):
     mask = torch.zeros(c, device=device).index_fill_(0, index, 1)
 
     def step():
-        if impl == "masked_conv2d":
-            y = ops.masked_conv2d(x, w, None, index, index, None, 1, 1, 1)
+        if impl.startswith("masked_conv2d"):
+            y = ops.masked_conv2d(x, w, None, index, index, None, 1, 1, 1, backend=backend)
         else:
             y = F.conv2d(x, w * mask.view(-1, 1, 1, 1) * mask.view(1, -1, 1, 1), None, 1, 1)
         y.sum().backward()
@@ -54,14 +65,7 @@ def test_attenuation_step(benchmark, device, impl):
     """The whole attenuation step (norms, select, attenuate) of VGG-16 against a per-layer eager
     PyTorch loop that a user would write. ``pruner`` runs on the device's default backend,
     ``pruner_triton`` on the Triton kernels (one launch per op over the whole model)."""
-    backend = None
-    if impl == "pruner_triton":
-        if device.type != "cuda":
-            pytest.skip("the triton backend is benchmarked on CUDA only (on the CPU it exists only "
-                        "under Triton's interpreter, which is a test harness, not a speed)")
-        if "triton" not in ops.available_backends():
-            pytest.skip("no triton backend: triton or attenuation_triton cannot be imported")
-        backend = "triton"
+    backend = _triton_or_skip(device) if impl == "pruner_triton" else None
     torch.manual_seed(0)
     model = vgg(16, width=1.0 if device.type == "cuda" else 0.25).to(device)
     pruner = Pruner(model, method_config("attenuation", ratio=0.5, interval=1), backend=backend)
