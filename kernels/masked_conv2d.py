@@ -62,6 +62,24 @@ def _dot(a, b, acc, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _channels(index_ptr, offs, mask, ALL: tl.constexpr):
+    """The channel numbers of live positions ``offs``: ``offs`` itself when every channel is live,
+    else read from the index list."""
+    channels = offs.to(tl.int64)
+    if not ALL:
+        channels = tl.load(index_ptr + offs, mask=mask, other=0).to(tl.int64)
+    return channels
+
+
+@triton.jit
+def _split_positions(offs, H, W):
+    """Flat (batch, row, column) positions of an H x W map into their three coordinates."""
+    nb = offs // (H * W)
+    rem = offs % (H * W)
+    return nb, rem // W, rem % W
+
+
+@triton.jit
 def masked_conv2d_fwd_kernel(
         x_ptr, w_ptr, y_ptr, scale_ptr, bias_ptr, out_idx_ptr, dead_idx_ptr, in_idx_ptr,
         N, H, W, HO, WO, n_live_out, n_dead_out, n_live_in,
@@ -75,19 +93,13 @@ def masked_conv2d_fwd_kernel(
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < N * HO * WO
-    nb = offs_m // (HO * WO)
-    rem = offs_m % (HO * WO)
-    oh = rem // WO
-    ow = rem % WO
+    nb, oh, ow = _split_positions(offs_m, HO, WO)
     y_row = nb.to(tl.int64) * syn + oh.to(tl.int64) * syh + ow.to(tl.int64) * syw
     n_live_blocks = tl.cdiv(n_live_out, BLOCK_N)
     if pid_n < n_live_blocks:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < n_live_out
-        if ALL_OUT:
-            co = offs_n.to(tl.int64)
-        else:
-            co = tl.load(out_idx_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
+        co = _channels(out_idx_ptr, offs_n, n_mask, ALL_OUT)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
         x_base = nb.to(tl.int64) * sxn
         for r in range(KH * KW):
@@ -101,10 +113,7 @@ def masked_conv2d_fwd_kernel(
             for c0 in range(0, n_live_in, BLOCK_K):
                 offs_k = c0 + tl.arange(0, BLOCK_K)
                 k_mask = offs_k < n_live_in
-                if ALL_IN:
-                    ci = offs_k.to(tl.int64)
-                else:
-                    ci = tl.load(in_idx_ptr + offs_k, mask=k_mask, other=0).to(tl.int64)
+                ci = _channels(in_idx_ptr, offs_k, k_mask, ALL_IN)
                 a = tl.load(x_ptr + x_tap[:, None] + ci[None, :] * sxc,
                             mask=ok[:, None] & k_mask[None, :], other=0.0)
                 b = tl.load(w_ptr + w_tap[None, :] + ci[:, None] * swi,
@@ -139,19 +148,13 @@ def masked_conv2d_dx_kernel(
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < N * H * W
-    nb = offs_m // (H * W)
-    rem = offs_m % (H * W)
-    ih = rem // W
-    iw = rem % W
+    nb, ih, iw = _split_positions(offs_m, H, W)
     d_row = nb.to(tl.int64) * sdn + ih.to(tl.int64) * sdh + iw.to(tl.int64) * sdw
     n_live_blocks = tl.cdiv(n_live_in, BLOCK_N)
     if pid_n < n_live_blocks:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < n_live_in
-        if ALL_IN:
-            ci = offs_n.to(tl.int64)
-        else:
-            ci = tl.load(in_idx_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
+        ci = _channels(in_idx_ptr, offs_n, n_mask, ALL_IN)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
         g_base = nb.to(tl.int64) * sgn
         for r in range(KH * KW):
@@ -172,10 +175,7 @@ def masked_conv2d_dx_kernel(
             for c0 in range(0, n_live_out, BLOCK_K):
                 offs_k = c0 + tl.arange(0, BLOCK_K)
                 k_mask = offs_k < n_live_out
-                if ALL_OUT:
-                    co = offs_k.to(tl.int64)
-                else:
-                    co = tl.load(out_idx_ptr + offs_k, mask=k_mask, other=0).to(tl.int64)
+                co = _channels(out_idx_ptr, offs_k, k_mask, ALL_OUT)
                 a = tl.load(g_ptr + g_tap[:, None] + co[None, :] * sgc,
                             mask=ok[:, None] & k_mask[None, :], other=0.0)
                 b = tl.load(w_ptr + w_tap[None, :] + co[:, None] * swo,
@@ -209,14 +209,8 @@ def masked_conv2d_dw_kernel(
     m_mask = offs_m < n_live_out
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < n_live_in
-    if ALL_OUT:
-        co = offs_m.to(tl.int64)
-    else:
-        co = tl.load(out_idx_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
-    if ALL_IN:
-        ci = offs_n.to(tl.int64)
-    else:
-        ci = tl.load(in_idx_ptr + offs_n, mask=n_mask, other=0).to(tl.int64)
+    co = _channels(out_idx_ptr, offs_m, m_mask, ALL_OUT)
+    ci = _channels(in_idx_ptr, offs_n, n_mask, ALL_IN)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     P = N * HO * WO
     for p0 in range(0, P, BLOCK_K):
