@@ -31,16 +31,17 @@ def _native_extensions():
     use_cuda = (bool(cuda_sources) and os.environ.get("ATTENUATION_NO_CUDA") != "1"
                 and cpp_extension.CUDA_HOME is not None)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0+PTX")
-    extra = {"cxx": ["-O3", "-std=c++17"]}
+    include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
+    extra = {"cxx": ["-O3", "-std=c++20", "-fopenmp-simd"]}
     if use_cuda:
-        extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+        extra["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
         extension = cpp_extension.CUDAExtension(
             "attenuation._C", cpp_sources + cuda_sources, extra_compile_args=extra,
-            define_macros=[("ATTENUATION_WITH_CUDA", "1")], include_dirs=[os.path.join(ROOT, "csrc")])
+            define_macros=[("ATTENUATION_WITH_CUDA", "1")], include_dirs=include_dirs)
     else:
         extension = cpp_extension.CppExtension(
             "attenuation._C", cpp_sources, extra_compile_args=extra,
-            include_dirs=[os.path.join(ROOT, "csrc")])
+            include_dirs=include_dirs)
     return [extension], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 

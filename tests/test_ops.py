@@ -214,7 +214,13 @@ def test_masked_conv2d_validates():
 
 def test_default_backend_override(monkeypatch):
     from attenuation.ops import backends
-    assert backends.default_backend(torch.device("cpu")) == "reference"
+    cpu_default = "native" if "native" in backends.available_backends() else "reference"
+    assert backends.default_backend(torch.device("cpu")) == cpu_default
+    ops.set_default_backend("reference")
+    try:
+        assert backends.default_backend(torch.device("cpu")) == "reference"
+    finally:
+        ops.set_default_backend(None)
     with pytest.raises(ValueError, match="unknown backend"):
         ops.set_default_backend("warp-drive")
     monkeypatch.setenv("ATTENUATION_BACKEND", "missing")

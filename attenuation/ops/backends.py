@@ -3,6 +3,7 @@
 ``reference`` is always registered. Faster backends (``triton``, ``native``) register themselves when
 their package imports; the default per device type is the fastest one registered for it, unless
 :func:`set_default_backend` or the ``ATTENUATION_BACKEND`` environment variable says otherwise.
+``native`` (the C++ extension ``attenuation._C``, from csrc/) is the default on the CPU.
 ``triton`` (the ``attenuation_triton`` package, from kernels/) is registered for CUDA tensors, and for
 CPU tensors too when Triton's interpreter runs its kernels (``TRITON_INTERPRET=1``), but not as the
 default: it becomes preferred only once measured faster on a GPU.
@@ -10,6 +11,7 @@ default: it becomes preferred only once measured faster on a GPU.
 from __future__ import annotations
 
 import os
+import warnings
 from types import ModuleType
 from typing import Optional
 
@@ -79,4 +81,23 @@ def register_triton_backend() -> bool:
     return True
 
 
+def register_native_backend() -> bool:
+    """Register the C++ extension ``attenuation._C`` as ``"native"``: the default on the CPU, and
+    available (not the default until measured faster) on CUDA when it was compiled with CUDA.
+    Without the extension, says so once (a warning) and returns False."""
+    try:
+        from . import native
+    except ImportError as error:
+        warnings.warn(f"attenuation: the native extension is not available ({error}); the ops run on the "
+                      "reference (and triton) backends. Build it with "
+                      "`pip install --no-build-isolation -e .`", stacklevel=2)
+        return False
+    if native.has_kernel("cpu"):
+        register_backend("native", native, device_types=("cpu",), preferred=True)
+    if native.has_kernel("cuda"):
+        register_backend("native", native, device_types=("cuda",), preferred=False)
+    return True
+
+
 register_triton_backend()
+register_native_backend()

@@ -1,0 +1,165 @@
+"""The native backend: the ops of ``attenuation._C`` (C++ in csrc/, CUDA when it was compiled in).
+
+The extension defines the operator schemas (``torch.ops.attenuation.*``) and their CPU / CUDA
+kernels; this module adds what pytorch/extension-cpp adds from Python: fake (meta) kernels for
+torch.compile and the autograd formula of ``masked_conv2d``, and it exposes the five backend
+functions with the reference's signatures. Importing it raises ImportError when the extension was
+not built (see :func:`attenuation.ops.backends.register_native_backend`).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch._prims_common import suggest_memory_format
+from torch.nn.modules.utils import _pair
+
+from attenuation import _C  # noqa: F401  (loading it registers the ops)
+
+from . import reference
+
+_ops = torch.ops.attenuation
+
+
+def has_kernel(device_type: str) -> bool:
+    """Was the extension compiled with kernels for ``device_type`` ("cpu" / "cuda")?"""
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    return torch._C._dispatch_has_kernel_for_dispatch_key("attenuation::filter_norms", key)
+
+
+# ------------------------------------------------------------------------------ fake kernels
+
+@torch.library.register_fake("attenuation::filter_norms")
+def _(weights, ord):
+    return weights[0].new_empty((sum(w.shape[0] for w in weights),), dtype=torch.float32)
+
+
+@torch.library.register_fake("attenuation::select_weak")
+def _(scores, removed, counts, ks):
+    return torch.empty_like(removed)
+
+
+@torch.library.register_fake("attenuation::attenuate_")
+def _(weights, biases, gammas, betas, running_means, running_vars, weak, status, multiplier, factor, eps,
+      restore):
+    return torch.empty_like(weak), torch.empty_like(weak)
+
+
+@torch.library.register_fake("attenuation::zero_removed_")
+def _(weights, biases, gammas, betas, status):
+    return None
+
+
+def _output_format(x: Tensor, weight: Tensor) -> torch.memory_format:
+    """The library convolution's choice, which every output of the op follows (output_format in
+    csrc/masked_conv2d.cpp): channels-last when the input or the weight is."""
+    channels_last = any(suggest_memory_format(t) == torch.channels_last for t in (x, weight))
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _weight_format(weight: Tensor) -> torch.memory_format:
+    return _output_format(weight, weight)
+
+
+@torch.library.register_fake("attenuation::masked_conv2d")
+def _(x, weight, bias, out_index, in_index, scale, stride, padding, dilation):
+    size = reference._output_size(x, weight, stride, padding, dilation)
+    return x.new_empty((x.shape[0], weight.shape[0], *size)).contiguous(memory_format=_output_format(x, weight))
+
+
+@torch.library.register_fake("attenuation::masked_conv2d_backward")
+def _(grad_out, x, weight, out_index, in_index, scale, stride, padding, dilation, output_mask):
+    empty = x.new_empty((0,))
+    grad_x = torch.empty_like(x, memory_format=_output_format(x, weight)) if output_mask[0] else empty
+    grad_w = torch.empty_like(weight, memory_format=_weight_format(weight)) if output_mask[1] else empty
+    grad_b = x.new_empty((weight.shape[0],)) if output_mask[2] else empty
+    grad_s = scale.new_empty((weight.shape[0],)) if output_mask[3] else empty
+    return grad_x, grad_w, grad_b, grad_s
+
+
+# ------------------------------------------------------------------ autograd of masked_conv2d
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, out_index, in_index, scale, stride, padding, dilation = inputs
+    ctx.save_for_backward(x, weight, out_index, in_index, scale)
+    ctx.geometry = (stride, padding, dilation)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    x, weight, out_index, in_index, scale = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1], need[2] and ctx.has_bias, need[5] and scale is not None]
+    if not any(mask):
+        return (None,) * 9
+    grads = _ops.masked_conv2d_backward(grad, x, weight, out_index, in_index, scale, *ctx.geometry, mask)
+    gx, gw, gb, gs = (g if wanted else None for g, wanted in zip(grads, mask))
+    return gx, gw, gb, None, None, gs, None, None, None
+
+
+torch.library.register_autograd("attenuation::masked_conv2d", _backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------ backend functions
+
+def filter_norms(weights: Sequence[Tensor], ord: str) -> Tensor:
+    return _ops.filter_norms([w.detach() for w in weights], ord)
+
+
+def select_weak(scores: Tensor, removed: Tensor, counts: Sequence[int], ks: Tensor) -> Tensor:
+    return _ops.select_weak(scores.float(), removed, [int(c) for c in counts], ks.to(torch.int64))
+
+
+def _detached(tensors):
+    return [None if t is None else t.detach() for t in tensors]
+
+
+def attenuate_(weights, biases, gammas, betas, weak: Tensor, status: Tensor, multiplier: Tensor,
+               factor: float, eps: float, restore: bool = False, running_means=None,
+               running_vars=None) -> tuple[Tensor, Tensor]:
+    no_stats = [None] * len(weights)
+    return _ops.attenuate_(_detached(weights), _detached(biases), _detached(gammas), _detached(betas),
+                           _detached(running_means or no_stats), _detached(running_vars or no_stats),
+                           weak, status, multiplier, float(factor), float(eps), bool(restore))
+
+
+def zero_removed_(weights, biases, gammas, betas, status: Tensor) -> None:
+    _ops.zero_removed_(_detached(weights), _detached(biases), _detached(gammas), _detached(betas), status)
+
+
+_warned_fallback = False
+
+
+def _unsupported(x: Tensor, weight: Tensor, padding, groups: int) -> Optional[str]:
+    if groups != 1:
+        return f"groups={groups}"
+    if isinstance(padding, str):
+        return f"padding={padding!r}"
+    if not x.is_floating_point() or x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return f"dtype {x.dtype}"
+    return None
+
+
+def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_index: Optional[Tensor],
+                  in_index: Optional[Tensor], scale: Optional[Tensor], stride, padding, dilation,
+                  groups: int = 1) -> Tensor:
+    """``attenuation::masked_conv2d`` (see csrc/masked_conv2d.cpp). Under autocast the floating
+    operands are cast to the autocast dtype first, as F.conv2d would; cases the op does not cover
+    (groups != 1, string padding) run the reference, with a warning once per process."""
+    why = _unsupported(x, weight, padding, groups)
+    if why is not None:
+        global _warned_fallback
+        if not _warned_fallback:
+            _warned_fallback = True
+            warnings.warn(f"attenuation: the native masked_conv2d does not cover {why}; the native backend "
+                          "runs the reference implementation for it", stacklevel=2)
+        return reference.masked_conv2d(x, weight, bias, out_index, in_index, scale, stride, padding,
+                                       dilation, groups)
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    return _ops.masked_conv2d(x, weight, bias, out_index, in_index, scale, list(_pair(stride)),
+                              list(_pair(padding)), list(_pair(dilation)))

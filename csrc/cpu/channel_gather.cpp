@@ -1,0 +1,179 @@
+// The channel gathers of the masked convolution on the CPU (semantics in attenuation/ops.h).
+// Activations move as raw elements (dtype-agnostic copies): whole H*W planes in NCHW, runs of
+// channels per pixel in channels-last. Weights are small and go through their strides.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <cstring>
+#include <vector>
+
+#include "attenuation/ops.h"
+
+namespace attenuation {
+namespace {
+
+constexpr int64_t kGrain = 1 << 15;  // elements per parallel chunk, at least
+
+bool is_channels_last(const at::Tensor& t) {
+  return t.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+}
+
+template <typename Fn>
+void with_element_type(int64_t size, const Fn& fn) {
+  switch (size) {
+    case 1: return fn(uint8_t{});
+    case 2: return fn(uint16_t{});
+    case 4: return fn(uint32_t{});
+    case 8: return fn(uint64_t{});
+    default: TORCH_CHECK(false, "masked_conv2d: unsupported element size ", size);
+  }
+}
+
+// Position of each of the n channels in the compact tensor, -1 for dead ones.
+std::vector<int64_t> compact_positions(const at::Tensor& index, int64_t n) {
+  std::vector<int64_t> pos(n, -1);
+  const int64_t* idx = index.const_data_ptr<int64_t>();
+  for (int64_t j = 0; j < index.numel(); ++j) pos[idx[j]] = j;
+  return pos;
+}
+
+}  // namespace
+
+at::Tensor gather_channels_cpu(const at::Tensor& x_in, const at::Tensor& index_in) {
+  const auto format = is_channels_last(x_in) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor x = x_in.contiguous(format), index = index_in.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3), m = index.numel();
+  at::Tensor out = at::empty({N, m, x.size(2), x.size(3)}, x.options().memory_format(format));
+  const int64_t* idx = index.const_data_ptr<int64_t>();
+  with_element_type(x.element_size(), [&](auto zero) {
+    using T = decltype(zero);
+    const T* src = static_cast<const T*>(x.const_data_ptr());
+    T* dst = static_cast<T*>(out.data_ptr());
+    if (format == at::MemoryFormat::Contiguous) {
+      at::parallel_for(0, N * m, std::max<int64_t>(1, kGrain / std::max<int64_t>(P, 1)), [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) {
+          std::memcpy(dst + r * P, src + ((r / m) * C + idx[r % m]) * P, P * sizeof(T));
+        }
+      });
+    } else {
+      at::parallel_for(0, N * P, std::max<int64_t>(1, kGrain / std::max<int64_t>(m, 1)), [&](int64_t b, int64_t e) {
+        for (int64_t q = b; q < e; ++q) {
+          const T* s = src + q * C;
+          T* d = dst + q * m;
+          for (int64_t j = 0; j < m; ++j) d[j] = s[idx[j]];
+        }
+      });
+    }
+  });
+  return out;
+}
+
+at::Tensor scatter_channels_cpu(const at::Tensor& compact_in, const at::Tensor& index, int64_t n) {
+  const auto format = is_channels_last(compact_in) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor compact = compact_in.contiguous(format);
+  const int64_t N = compact.size(0), m = compact.size(1), P = compact.size(2) * compact.size(3);
+  at::Tensor out = at::empty({N, n, compact.size(2), compact.size(3)}, compact.options().memory_format(format));
+  const std::vector<int64_t> pos = compact_positions(index.contiguous(), n);
+  with_element_type(compact.element_size(), [&](auto zero) {
+    using T = decltype(zero);
+    const T* src = static_cast<const T*>(compact.const_data_ptr());
+    T* dst = static_cast<T*>(out.data_ptr());
+    if (format == at::MemoryFormat::Contiguous) {
+      at::parallel_for(0, N * n, std::max<int64_t>(1, kGrain / std::max<int64_t>(P, 1)), [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) {
+          const int64_t j = pos[r % n];
+          if (j >= 0) {
+            std::memcpy(dst + r * P, src + ((r / n) * m + j) * P, P * sizeof(T));
+          } else {
+            std::memset(dst + r * P, 0, P * sizeof(T));  // all-zero bits: 0.0 in every float type
+          }
+        }
+      });
+    } else {
+      at::parallel_for(0, N * P, std::max<int64_t>(1, kGrain / std::max<int64_t>(n, 1)), [&](int64_t b, int64_t e) {
+        for (int64_t q = b; q < e; ++q) {
+          const T* s = src + q * m;
+          T* d = dst + q * n;
+          for (int64_t c = 0; c < n; ++c) d[c] = pos[c] >= 0 ? s[pos[c]] : T{0};
+        }
+      });
+    }
+  });
+  return out;
+}
+
+at::Tensor gather_weight_cpu(const at::Tensor& weight, const c10::optional<at::Tensor>& out_index,
+                             const c10::optional<at::Tensor>& in_index, const c10::optional<at::Tensor>& scale) {
+  const at::Tensor out_idx = out_index.has_value() ? out_index->contiguous() : at::Tensor();
+  const at::Tensor in_idx = in_index.has_value() ? in_index->contiguous() : at::Tensor();
+  const int64_t O = out_idx.defined() ? out_idx.numel() : weight.size(0);
+  const int64_t I = in_idx.defined() ? in_idx.numel() : weight.size(1);
+  const int64_t KH = weight.size(2), KW = weight.size(3);
+  at::Tensor out = at::empty({O, I, KH, KW}, weight.options().memory_format(weight.suggest_memory_format()));
+  // The scale in the weight's dtype, as the reference multiplies the output by scale.to(dtype).
+  const at::Tensor s = scale.has_value() ? scale->to(weight.scalar_type()).contiguous() : at::Tensor();
+  const int64_t* oi = out_idx.defined() ? out_idx.const_data_ptr<int64_t>() : nullptr;
+  const int64_t* ii = in_idx.defined() ? in_idx.const_data_ptr<int64_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "gather_weight", [&] {
+    const scalar_t* sp = s.defined() ? s.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* w = weight.const_data_ptr<scalar_t>();
+    scalar_t* d = out.data_ptr<scalar_t>();
+    const auto ws = weight.strides();
+    const auto os = out.strides();
+    at::parallel_for(0, O, 1, [&](int64_t b, int64_t e) {
+      for (int64_t o = b; o < e; ++o) {
+        const int64_t src_o = oi ? oi[o] : o;
+        const scalar_t factor = sp ? sp[src_o] : scalar_t(1);
+        for (int64_t i = 0; i < I; ++i) {
+          const int64_t src_i = ii ? ii[i] : i;
+          for (int64_t kh = 0; kh < KH; ++kh) {
+            for (int64_t kw = 0; kw < KW; ++kw) {
+              const scalar_t v = w[src_o * ws[0] + src_i * ws[1] + kh * ws[2] + kw * ws[3]];
+              d[o * os[0] + i * os[1] + kh * os[2] + kw * os[3]] = sp ? v * factor : v;
+            }
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor scatter_weight_cpu(const at::Tensor& g, const c10::optional<at::Tensor>& out_index,
+                              const c10::optional<at::Tensor>& in_index, const c10::optional<at::Tensor>& scale,
+                              at::IntArrayRef full_sizes) {
+  const at::Tensor out_idx = out_index.has_value() ? out_index->contiguous() : at::Tensor();
+  const at::Tensor in_idx = in_index.has_value() ? in_index->contiguous() : at::Tensor();
+  at::Tensor full = at::zeros(full_sizes, g.options().memory_format(g.suggest_memory_format()));
+  // The scale in the weight's dtype, as the reference multiplies the output by scale.to(dtype).
+  const at::Tensor s = scale.has_value() ? scale->to(g.scalar_type()).contiguous() : at::Tensor();
+  const int64_t* oi = out_idx.defined() ? out_idx.const_data_ptr<int64_t>() : nullptr;
+  const int64_t* ii = in_idx.defined() ? in_idx.const_data_ptr<int64_t>() : nullptr;
+  const int64_t O = g.size(0), I = g.size(1), KH = g.size(2), KW = g.size(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "scatter_weight", [&] {
+    const scalar_t* sp = s.defined() ? s.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* src = g.const_data_ptr<scalar_t>();
+    scalar_t* d = full.data_ptr<scalar_t>();
+    const auto gs = g.strides();
+    const auto fs = full.strides();
+    at::parallel_for(0, O, 1, [&](int64_t b, int64_t e) {
+      for (int64_t o = b; o < e; ++o) {
+        const int64_t dst_o = oi ? oi[o] : o;
+        const scalar_t factor = sp ? sp[dst_o] : scalar_t(1);
+        for (int64_t i = 0; i < I; ++i) {
+          const int64_t dst_i = ii ? ii[i] : i;
+          for (int64_t kh = 0; kh < KH; ++kh) {
+            for (int64_t kw = 0; kw < KW; ++kw) {
+              const scalar_t v = src[o * gs[0] + i * gs[1] + kh * gs[2] + kw * gs[3]];
+              d[dst_o * fs[0] + dst_i * fs[1] + kh * fs[2] + kw * fs[3]] = sp ? v * factor : v;
+            }
+          }
+        }
+      }
+    });
+  });
+  return full;
+}
+
+}  // namespace attenuation

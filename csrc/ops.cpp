@@ -1,0 +1,35 @@
+// The operator schemas of attenuation._C, the way pytorch/extension-cpp registers them: schemas
+// here, CPU and CUDA implementations per dispatch key next to their code, fake (meta) and autograd
+// kernels from Python (attenuation/ops/native.py). Semantics: attenuation/ops/reference.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import attenuation._C` loads this library, which runs the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(attenuation, m) {
+  m.def("filter_norms(Tensor[] weights, str ord) -> Tensor");
+  m.def("select_weak(Tensor scores, Tensor removed, int[] counts, Tensor ks) -> Tensor");
+  m.def(
+      "attenuate_(Tensor(a!)[] weights, Tensor(b!)?[] biases, Tensor(c!)?[] gammas, "
+      "Tensor(d!)?[] betas, Tensor(e!)?[] running_means, Tensor(f!)?[] running_vars, Tensor weak, "
+      "Tensor(g!) status, Tensor(h!) multiplier, float factor, float eps, bool restore) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "zero_removed_(Tensor(a!)[] weights, Tensor(b!)?[] biases, Tensor(c!)?[] gammas, "
+      "Tensor(d!)?[] betas, Tensor status) -> ()");
+  m.def(
+      "masked_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor? out_index, Tensor? in_index, "
+      "Tensor? scale, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  // Gradients of (x, weight, bias, scale); an entry of output_mask that is false gets an empty
+  // tensor of shape (0,).
+  m.def(
+      "masked_conv2d_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? out_index, "
+      "Tensor? in_index, Tensor? scale, int[2] stride, int[2] padding, int[2] dilation, "
+      "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+}
