@@ -9,9 +9,8 @@
 
 namespace attenuation {
 
-int64_t check_filter_lists(const char* op, at::TensorList weights,
-                           const std::vector<const OptionalTensorList*>& vectors,
-                           const std::vector<const char*>& vector_names) {
+int64_t check_filter_lists(const char* op, at::TensorList weights, at::TensorList vectors,
+                           at::IntArrayRef slots, int64_t max_kind) {
   TORCH_CHECK(!weights.empty(), op, ": no weights given");
   const auto n_layers = static_cast<int64_t>(weights.size());
   const at::Device device = weights[0].device();
@@ -25,20 +24,23 @@ int64_t check_filter_lists(const char* op, at::TensorList weights,
                 device);
     total += w.size(0);
   }
-  for (size_t v = 0; v < vectors.size(); ++v) {
-    const OptionalTensorList& list = *vectors[v];
-    TORCH_CHECK(static_cast<int64_t>(list.size()) == n_layers, op, ": ", list.size(), " ",
-                vector_names[v], " for ", n_layers, " weights");
-    for (int64_t i = 0; i < n_layers; ++i) {
-      const c10::optional<at::Tensor> t = list.get(i);
-      if (!t.has_value() || !t->defined()) continue;
-      TORCH_CHECK(t->dim() == 1 && t->size(0) == weights[i].size(0), op, ": layer ", i, " ",
-                  vector_names[v], " has shape ", t->sizes(), ", expected (", weights[i].size(0), ",)");
-      TORCH_CHECK(t->is_floating_point(), op, ": layer ", i, " ", vector_names[v],
-                  " must be floating, got ", t->scalar_type());
-      TORCH_CHECK(t->device() == device, op, ": layer ", i, " ", vector_names[v], " is on ",
-                  t->device(), ", the weights on ", device);
-    }
+  static const char* kinds[] = {"bias", "gamma", "beta", "running mean", "running var"};
+  TORCH_CHECK(vectors.size() == slots.size(), op, ": ", vectors.size(), " vectors for ", slots.size(), " slots");
+  std::vector<bool> taken(n_layers * kVectorKinds, false);
+  for (size_t j = 0; j < vectors.size(); ++j) {
+    const int64_t slot = slots[j], layer = slot / kVectorKinds, kind = slot % kVectorKinds;
+    TORCH_CHECK(slot >= 0 && layer < n_layers && kind < max_kind, op, ": vector ", j, " has slot ", slot,
+                ", outside the ", n_layers, " layers x ", max_kind, " kinds");
+    TORCH_CHECK(!taken[slot], op, ": two vectors for layer ", layer, "'s ", kinds[kind]);
+    taken[slot] = true;
+    const at::Tensor& t = vectors[j];
+    const int64_t n = weights[layer].size(0);
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": layer ", layer, " ", kinds[kind], " has shape ",
+                t.sizes(), ", expected (", n, ",)");
+    TORCH_CHECK(t.is_floating_point(), op, ": layer ", layer, " ", kinds[kind], " must be floating, got ",
+                t.scalar_type());
+    TORCH_CHECK(t.device() == device, op, ": layer ", layer, " ", kinds[kind], " is on ", t.device(),
+                ", the weights on ", device);
   }
   return total;
 }
@@ -91,16 +93,12 @@ NormOrder parse_norm_order(c10::string_view ord) {
 
 namespace attenuation {
 
-int64_t check_attenuate_args(at::TensorList weights, const OptionalTensorList& biases,
-                             const OptionalTensorList& gammas, const OptionalTensorList& betas,
-                             const OptionalTensorList& running_means, const OptionalTensorList& running_vars,
+int64_t check_attenuate_args(at::TensorList weights, at::TensorList vectors, at::IntArrayRef slots,
                              const at::Tensor& weak, const at::Tensor& status, const at::Tensor& multiplier,
                              double factor, double eps) {
   TORCH_CHECK(factor >= 0.0 && factor <= 1.0, "attenuate_: attenuation factor must be in [0, 1], got ", factor);
   TORCH_CHECK(eps >= 0.0, "attenuate_: removal threshold eps must be >= 0, got ", eps);
-  const int64_t total = check_filter_lists(
-      "attenuate_", weights, {&biases, &gammas, &betas, &running_means, &running_vars},
-      {"biases", "gammas", "betas", "running_means", "running_vars"});
+  const int64_t total = check_filter_lists("attenuate_", weights, vectors, slots, kVectorKinds);
   const at::Device device = weights[0].device();
   check_flat("attenuate_", "weak", weak, total, at::kBool, device);
   check_flat("attenuate_", "status", status, total, at::kByte, device);
@@ -108,11 +106,9 @@ int64_t check_attenuate_args(at::TensorList weights, const OptionalTensorList& b
   return total;
 }
 
-int64_t check_zero_removed_args(at::TensorList weights, const OptionalTensorList& biases,
-                                const OptionalTensorList& gammas, const OptionalTensorList& betas,
+int64_t check_zero_removed_args(at::TensorList weights, at::TensorList vectors, at::IntArrayRef slots,
                                 const at::Tensor& status) {
-  const int64_t total = check_filter_lists("zero_removed_", weights, {&biases, &gammas, &betas},
-                                           {"biases", "gammas", "betas"});
+  const int64_t total = check_filter_lists("zero_removed_", weights, vectors, slots, kRunningMean);
   check_flat("zero_removed_", "status", status, total, at::kByte, weights[0].device());
   return total;
 }

@@ -15,14 +15,15 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(attenuation, m) {
   m.def("filter_norms(Tensor[] weights, str ord) -> Tensor");
   m.def("select_weak(Tensor scores, Tensor removed, int[] counts, Tensor ks) -> Tensor");
+  // The per-filter vectors next to the weights (bias, BN gamma, beta, running mean, running var)
+  // come as one flat list of those present, vector j belonging to layer slots[j] / 5 as kind
+  // slots[j] % 5 (attenuation::VectorKind). A flat list instead of five lists of optional tensors:
+  // torch.compile's functionalization does not take mutable lists with None entries.
   m.def(
-      "attenuate_(Tensor(a!)[] weights, Tensor(b!)?[] biases, Tensor(c!)?[] gammas, "
-      "Tensor(d!)?[] betas, Tensor(e!)?[] running_means, Tensor(f!)?[] running_vars, Tensor weak, "
-      "Tensor(g!) status, Tensor(h!) multiplier, float factor, float eps, bool restore) "
+      "attenuate_(Tensor(a!)[] weights, Tensor(b!)[] vectors, int[] slots, Tensor weak, "
+      "Tensor(c!) status, Tensor(d!) multiplier, float factor, float eps, bool restore) "
       "-> (Tensor, Tensor)");
-  m.def(
-      "zero_removed_(Tensor(a!)[] weights, Tensor(b!)?[] biases, Tensor(c!)?[] gammas, "
-      "Tensor(d!)?[] betas, Tensor status) -> ()");
+  m.def("zero_removed_(Tensor(a!)[] weights, Tensor(b!)[] vectors, int[] slots, Tensor status) -> ()");
   m.def(
       "masked_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor? out_index, Tensor? in_index, "
       "Tensor? scale, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");

@@ -42,13 +42,12 @@ def _(scores, removed, counts, ks):
 
 
 @torch.library.register_fake("attenuation::attenuate_")
-def _(weights, biases, gammas, betas, running_means, running_vars, weak, status, multiplier, factor, eps,
-      restore):
+def _(weights, vectors, slots, weak, status, multiplier, factor, eps, restore):
     return torch.empty_like(weak), torch.empty_like(weak)
 
 
 @torch.library.register_fake("attenuation::zero_removed_")
-def _(weights, biases, gammas, betas, status):
+def _(weights, vectors, slots, status):
     return None
 
 
@@ -112,21 +111,30 @@ def select_weak(scores: Tensor, removed: Tensor, counts: Sequence[int], ks: Tens
     return _ops.select_weak(scores.float(), removed, [int(c) for c in counts], ks.to(torch.int64))
 
 
-def _detached(tensors):
-    return [None if t is None else t.detach() for t in tensors]
+def _flat_vectors(*per_kind: Sequence[Optional[Tensor]]) -> tuple[list[Tensor], list[int]]:
+    """The per-layer vector lists (biases, gammas, betas, running means, running vars; None where
+    absent) as the ops take them: the present ones and their slots, layer * 5 + kind."""
+    vectors, slots = [], []
+    for kind, tensors in enumerate(per_kind):
+        for layer, t in enumerate(tensors):
+            if t is not None:
+                vectors.append(t.detach())
+                slots.append(layer * 5 + kind)
+    return vectors, slots
 
 
 def attenuate_(weights, biases, gammas, betas, weak: Tensor, status: Tensor, multiplier: Tensor,
                factor: float, eps: float, restore: bool = False, running_means=None,
                running_vars=None) -> tuple[Tensor, Tensor]:
     no_stats = [None] * len(weights)
-    return _ops.attenuate_(_detached(weights), _detached(biases), _detached(gammas), _detached(betas),
-                           _detached(running_means or no_stats), _detached(running_vars or no_stats),
-                           weak, status, multiplier, float(factor), float(eps), bool(restore))
+    vectors, slots = _flat_vectors(biases, gammas, betas, running_means or no_stats, running_vars or no_stats)
+    return _ops.attenuate_([w.detach() for w in weights], vectors, slots, weak, status, multiplier,
+                           float(factor), float(eps), bool(restore))
 
 
 def zero_removed_(weights, biases, gammas, betas, status: Tensor) -> None:
-    _ops.zero_removed_(_detached(weights), _detached(biases), _detached(gammas), _detached(betas), status)
+    vectors, slots = _flat_vectors(biases, gammas, betas)
+    _ops.zero_removed_([w.detach() for w in weights], vectors, slots, status)
 
 
 _warned_fallback = False

@@ -19,7 +19,7 @@ def filter_norms(weights: Sequence[Tensor], ord: str) -> Tensor:
     """Per-filter norm of every weight (filter = row 0 of the weight), concatenated, float32."""
     norms = []
     for w in weights:
-        rows = w.detach().reshape(w.shape[0], -1).float()
+        rows = w.detach().reshape(w.shape[0], w[0].numel() if w.shape[0] else w.shape[1:].numel()).float()
         if ord == "l1":
             norms.append(rows.abs().sum(1))
         elif ord == "l2":

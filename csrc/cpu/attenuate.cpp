@@ -21,18 +21,13 @@ struct VectorRef {
   at::ScalarType dtype = at::kFloat;
 };
 
-constexpr int kVectors = 5;
-constexpr int kRunningVar = 4;  // scaled by scale^2
+using LayerVectors = std::array<VectorRef, kVectorKinds>;
 
-using LayerVectors = std::array<VectorRef, kVectors>;
-
-std::vector<LayerVectors> vector_refs(int64_t n_layers, const std::vector<const OptionalTensorList*>& lists) {
+std::vector<LayerVectors> vector_refs(int64_t n_layers, at::TensorList vectors, at::IntArrayRef slots) {
   std::vector<LayerVectors> refs(n_layers);
-  for (size_t v = 0; v < lists.size(); ++v) {
-    for (int64_t l = 0; l < n_layers; ++l) {
-      const c10::optional<at::Tensor> t = lists[v]->get(l);
-      if (t.has_value() && t->defined() && t->numel()) refs[l][v] = {t->data_ptr(), t->stride(0), t->scalar_type()};
-    }
+  for (size_t j = 0; j < vectors.size(); ++j) {
+    const at::Tensor& t = vectors[j];
+    if (t.numel()) refs[slots[j] / kVectorKinds][slots[j] % kVectorKinds] = {t.data_ptr(), t.stride(0), t.scalar_type()};
   }
   return refs;
 }
@@ -64,7 +59,7 @@ void scale_filters(const FilterRows& rows, const std::vector<LayerVectors>& vect
         const float s = update(rows.offset(layer) + f);
         if (s == 1.0f) continue;
         scale_row(base + f * rows.row_stride(layer), rows.row_length(layer), s);
-        for (int v = 0; v < kVectors; ++v) scale_entry(vectors[layer][v], f, v == kRunningVar ? s * s : s);
+        for (int v = 0; v < kVectorKinds; ++v) scale_entry(vectors[layer][v], f, v == kRunningVar ? s * s : s);
       }
     });
   });
@@ -74,15 +69,11 @@ void scale_filters(const FilterRows& rows, const std::vector<LayerVectors>& vect
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attenuate_cpu(
-    at::TensorList weights, const OptionalTensorList& biases, const OptionalTensorList& gammas,
-    const OptionalTensorList& betas, const OptionalTensorList& running_means,
-    const OptionalTensorList& running_vars, const at::Tensor& weak, const at::Tensor& status,
-    const at::Tensor& multiplier, double factor, double eps, bool restore) {
-  const int64_t total = check_attenuate_args(weights, biases, gammas, betas, running_means, running_vars,
-                                             weak, status, multiplier, factor, eps);
+    at::TensorList weights, at::TensorList vector_list, at::IntArrayRef slots, const at::Tensor& weak,
+    const at::Tensor& status, const at::Tensor& multiplier, double factor, double eps, bool restore) {
+  const int64_t total = check_attenuate_args(weights, vector_list, slots, weak, status, multiplier, factor, eps);
   const FilterRows rows(weights);
-  const auto vectors = vector_refs(static_cast<int64_t>(weights.size()),
-                                   {&biases, &gammas, &betas, &running_means, &running_vars});
+  const auto vectors = vector_refs(static_cast<int64_t>(weights.size()), vector_list, slots);
   at::Tensor returned = at::empty({total}, weak.options());
   at::Tensor newly_removed = at::empty({total}, weak.options());
   const bool* weak_p = weak.const_data_ptr<bool>();
@@ -104,12 +95,11 @@ std::tuple<at::Tensor, at::Tensor> attenuate_cpu(
   return {returned, newly_removed};
 }
 
-void zero_removed_cpu(at::TensorList weights, const OptionalTensorList& biases,
-                      const OptionalTensorList& gammas, const OptionalTensorList& betas,
+void zero_removed_cpu(at::TensorList weights, at::TensorList vector_list, at::IntArrayRef slots,
                       const at::Tensor& status) {
-  check_zero_removed_args(weights, biases, gammas, betas, status);
+  check_zero_removed_args(weights, vector_list, slots, status);
   const FilterRows rows(weights);
-  const auto vectors = vector_refs(static_cast<int64_t>(weights.size()), {&biases, &gammas, &betas});
+  const auto vectors = vector_refs(static_cast<int64_t>(weights.size()), vector_list, slots);
   const uint8_t* status_p = status.const_data_ptr<uint8_t>();
   const int64_t ss = status.stride(0);
   scale_filters(rows, vectors, [&](int64_t g) { return zero_removed_scale(status_p[g * ss]); });

@@ -40,7 +40,7 @@ float row_norm(const scalar_t* row, int64_t k, NormOrder ord) {
 
 at::Tensor filter_norms_cpu(at::TensorList weights, c10::string_view ord_name) {
   const NormOrder ord = parse_norm_order(ord_name);
-  check_filter_lists("filter_norms", weights, {}, {});
+  check_filter_lists("filter_norms", weights, {}, {}, 0);
   FilterRows rows(weights);
   at::Tensor out = at::empty({rows.total()}, weights[0].options().dtype(at::kFloat));
   float* out_ptr = out.data_ptr<float>();

@@ -11,15 +11,18 @@
 
 namespace attenuation {
 
-using OptionalTensorList = c10::List<c10::optional<at::Tensor>>;
+// The per-filter vectors of a layer, in the order of a slot (see the schemas in csrc/ops.cpp):
+// vector j of a call belongs to layer slots[j] / kVectorKinds, as kind slots[j] % kVectorKinds.
+enum VectorKind : int64_t { kBias = 0, kGamma = 1, kBeta = 2, kRunningMean = 3, kRunningVar = 4 };
+constexpr int64_t kVectorKinds = 5;
 
 // ---- host-side argument checks shared by both devices (csrc/checks.cpp) ----
 
-// Checks a model's per-layer lists (weights and the per-filter vectors next to them: same
-// lengths, a vector of shape (filters,) per layer, one device) and returns the total filter count.
-int64_t check_filter_lists(const char* op, at::TensorList weights,
-                           const std::vector<const OptionalTensorList*>& vectors,
-                           const std::vector<const char*>& vector_names);
+// Checks a model's weights and per-filter vectors (one device, a floating weight per layer with a
+// filter dimension, vectors of shape (filters,) in valid, distinct slots of kinds < max_kind) and
+// returns the total filter count.
+int64_t check_filter_lists(const char* op, at::TensorList weights, at::TensorList vectors,
+                           at::IntArrayRef slots, int64_t max_kind);
 // Checks a flat per-filter tensor: 1-D, `total` entries, dtype, device.
 void check_flat(const char* op, const char* name, const at::Tensor& t, int64_t total,
                 at::ScalarType dtype, const at::Device& device);
@@ -27,13 +30,10 @@ void check_flat(const char* op, const char* name, const at::Tensor& t, int64_t t
 void check_select_args(const at::Tensor& scores, const at::Tensor& removed, at::IntArrayRef counts,
                        const at::Tensor& ks);
 // All checks of attenuate_ / zero_removed_; return the total filter count.
-int64_t check_attenuate_args(at::TensorList weights, const OptionalTensorList& biases,
-                             const OptionalTensorList& gammas, const OptionalTensorList& betas,
-                             const OptionalTensorList& running_means, const OptionalTensorList& running_vars,
+int64_t check_attenuate_args(at::TensorList weights, at::TensorList vectors, at::IntArrayRef slots,
                              const at::Tensor& weak, const at::Tensor& status, const at::Tensor& multiplier,
                              double factor, double eps);
-int64_t check_zero_removed_args(at::TensorList weights, const OptionalTensorList& biases,
-                                const OptionalTensorList& gammas, const OptionalTensorList& betas,
+int64_t check_zero_removed_args(at::TensorList weights, at::TensorList vectors, at::IntArrayRef slots,
                                 const at::Tensor& status);
 // Does every filter (index along dim 0) of `t` fill one dense block of t[0].numel() elements
 // with stride(0) >= that block (contiguous, channels-last, any inner permutation)?
@@ -45,12 +45,9 @@ at::Tensor filter_norms_cpu(at::TensorList weights, c10::string_view ord);
 at::Tensor select_weak_cpu(const at::Tensor& scores, const at::Tensor& removed, at::IntArrayRef counts,
                            const at::Tensor& ks);
 std::tuple<at::Tensor, at::Tensor> attenuate_cpu(
-    at::TensorList weights, const OptionalTensorList& biases, const OptionalTensorList& gammas,
-    const OptionalTensorList& betas, const OptionalTensorList& running_means,
-    const OptionalTensorList& running_vars, const at::Tensor& weak, const at::Tensor& status,
-    const at::Tensor& multiplier, double factor, double eps, bool restore);
-void zero_removed_cpu(at::TensorList weights, const OptionalTensorList& biases,
-                      const OptionalTensorList& gammas, const OptionalTensorList& betas,
+    at::TensorList weights, at::TensorList vectors, at::IntArrayRef slots, const at::Tensor& weak,
+    const at::Tensor& status, const at::Tensor& multiplier, double factor, double eps, bool restore);
+void zero_removed_cpu(at::TensorList weights, at::TensorList vectors, at::IntArrayRef slots,
                       const at::Tensor& status);
 
 // ---- CUDA (csrc/cuda), compiled when ATTENUATION_WITH_CUDA is defined ----
@@ -58,13 +55,10 @@ at::Tensor filter_norms_cuda(at::TensorList weights, c10::string_view ord);
 at::Tensor select_weak_cuda(const at::Tensor& scores, const at::Tensor& removed, at::IntArrayRef counts,
                             const at::Tensor& ks);
 std::tuple<at::Tensor, at::Tensor> attenuate_cuda(
-    at::TensorList weights, const OptionalTensorList& biases, const OptionalTensorList& gammas,
-    const OptionalTensorList& betas, const OptionalTensorList& running_means,
-    const OptionalTensorList& running_vars, const at::Tensor& weak, const at::Tensor& status,
-    const at::Tensor& multiplier, double factor, double eps, bool restore);
-void zero_removed_cuda(at::TensorList weights, const OptionalTensorList& biases,
-                       const OptionalTensorList& gammas, const OptionalTensorList& betas,
-                       const at::Tensor& status);
+    at::TensorList weights, at::TensorList vectors, at::IntArrayRef slots, const at::Tensor& weak,
+    const at::Tensor& status, const at::Tensor& multiplier, double factor, double eps, bool restore);
+void zero_removed_cuda(at::TensorList weights, at::TensorList vectors, at::IntArrayRef slots,
+                      const at::Tensor& status);
 
 // ---- channel gathers of the masked convolution (csrc/cpu/channel_gather.cpp, csrc/cuda/...) ----
 // 4-D tensors, contiguous or channels-last; results keep that memory format.
