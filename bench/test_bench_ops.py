@@ -1,8 +1,13 @@
-"""Micro-benchmarks of the ops against what a user would otherwise write (pytest-benchmark).
+"""Micro-benchmarks of the ops, every backend, against what a user would otherwise write
+(pytest-benchmark). Not part of the test suite (`python -m pytest` collects tests/ only):
 
-    python -m pytest bench/test_bench_ops.py --benchmark-only --benchmark-columns=median,ops
+    python -m pytest bench/test_bench_ops.py --benchmark-only --benchmark-json=OUT.json
 
-Shapes are VGG-16 CIFAR layers at the quick preset's width (x0.25) on the CPU, full width on a GPU.
+Backends: ``reference`` (pure PyTorch), ``native`` (the C++ extension; CPU, and CUDA when compiled
+in), ``triton`` (GPU only: on a CPU it exists only under Triton's interpreter, a test harness).
+A backend that is not available skips with the reason. Each benchmark's ``extra_info`` carries the
+work it does (``flop``: useful floating-point operations; ``bytes``: the bytes a perfect kernel
+moves), so achieved TFLOP/s and GB/s follow from the median time.
 """
 import pytest
 import torch
@@ -12,8 +17,14 @@ from attenuation import ops
 from attenuation.methods import method_config
 from attenuation.models import vgg
 from attenuation.pruner import Pruner
+from attenuation.schedule import weak_count
 
 LIVE_FRACTIONS = (1.0, 0.75, 0.5, 0.25)
+
+# VGG-16 CIFAR conv layers, (channels, spatial size): full width, and one of the quick preset's
+# quarter-width network. The CPU runs batch 128 only (each full-width layer is ~5 GMAC a pass there).
+VGG16_LAYERS = {"c128x16": (128, 16), "c256x8": (256, 8), "c512x4": (512, 4), "q64x8": (64, 8)}
+GPU_ONLY_LAYERS = {"c64x32": (64, 32), "c512x2": (512, 2)}
 
 
 def _sync(device):
@@ -21,70 +32,146 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _layer(device):
-    """A middle VGG-16 layer: (batch, channels, spatial)."""
-    return (128, 64, 16) if device.type == "cpu" else (128, 256, 8)
-
-
-def _triton_or_skip(device) -> str:
-    if device.type != "cuda":
+def _backend_or_skip(name: str, device: torch.device) -> str:
+    if name == "triton" and device.type != "cuda":
         pytest.skip("the triton backend is benchmarked on CUDA only (on the CPU it exists only "
                     "under Triton's interpreter, which is a test harness, not a speed)")
-    if "triton" not in ops.available_backends():
-        pytest.skip("no triton backend: triton or attenuation_triton cannot be imported")
-    return "triton"
+    if name not in ops.available_backends():
+        pytest.skip(f"no {name} backend in this build")
+    if name == "native" and device.type == "cuda":
+        from attenuation.ops import native
+        if not native.has_kernel("cuda"):
+            pytest.skip("the native extension was built without CUDA")
+    return name
+
+
+def _layers(device):
+    return {**VGG16_LAYERS, **(GPU_ONLY_LAYERS if device.type == "cuda" else {})}
+
+
+def _batches(device):
+    return (128, 256) if device.type == "cuda" else (128,)
 
 
 @pytest.mark.parametrize("live", LIVE_FRACTIONS)
-@pytest.mark.parametrize("impl", ["masked_conv2d", "masked_conv2d_triton", "dense_zero_masked"])
-def test_masked_conv_forward_backward(benchmark, device, live, impl):
-    """Masked conv (reference backend, and the Triton kernel on a GPU) vs cuDNN/oneDNN on the full,
-    zero-masked weight."""
-    backend = _triton_or_skip(device) if impl == "masked_conv2d_triton" else "reference"
-    torch.manual_seed(0)
-    n, c, hw = _layer(device)
-    x = torch.randn(n, c, hw, hw, device=device).to(memory_format=torch.channels_last).requires_grad_()
-    w = torch.randn(c, c, 3, 3, device=device, requires_grad=True)
-    index = torch.randperm(c, device=device)[:max(1, int(c * live))].sort().values
-    mask = torch.zeros(c, device=device).index_fill_(0, index, 1)
+@pytest.mark.parametrize("layer", list(VGG16_LAYERS) + list(GPU_ONLY_LAYERS))
+@pytest.mark.parametrize("batch", [128, 256])
+@pytest.mark.parametrize("impl", ["native", "triton", "reference", "dense_zero_masked"])
+def test_masked_conv_forward_backward(benchmark, device, impl, batch, layer, live):
+    """Masked conv2d forward + backward (live fraction on input and output channels) against the
+    library's dense convolution (cuDNN / oneDNN) on the full, zero-masked weight."""
+    if layer not in _layers(device) or batch not in _batches(device):
+        pytest.skip(f"{layer} at batch {batch} is benchmarked on a GPU only")
+    backend = impl if impl == "dense_zero_masked" else _backend_or_skip(impl, device)
+    channels, size = _layers(device)[layer]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, channels, size, size, generator=g).to(device, memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = torch.randn(channels, channels, 3, 3, generator=g).to(device).requires_grad_()
+    grad = torch.randn(batch, channels, size, size, generator=g).to(device, memory_format=torch.channels_last)
+    live_count = max(1, round(channels * live))
+    index = torch.randperm(channels, generator=g)[:live_count].sort().values.to(device)
+    mask = torch.zeros(channels, device=device).index_fill_(0, index, 1)
 
     def step():
-        if impl.startswith("masked_conv2d"):
-            y = ops.masked_conv2d(x, w, None, index, index, None, 1, 1, 1, backend=backend)
-        else:
+        if impl == "dense_zero_masked":
             y = F.conv2d(x, w * mask.view(-1, 1, 1, 1) * mask.view(1, -1, 1, 1), None, 1, 1)
-        y.sum().backward()
+        else:
+            y = ops.masked_conv2d(x, w, None, index, index, None, 1, 1, 1, backend=backend)
+        y.backward(grad)
         _sync(device)
 
-    benchmark.extra_info.update(live_fraction=live, shape=[n, c, hw, hw], device=str(device))
+    useful_macs = batch * size * size * live_count * live_count * 9
+    benchmark.extra_info.update(live_fraction=live, layer=layer, batch=batch, channels=channels, size=size,
+                                device=str(device), flop=3 * 2 * useful_macs)  # forward, grad input, grad weight
     benchmark(step)
 
 
-@pytest.mark.parametrize("impl", ["pruner", "pruner_triton", "eager_per_layer"])
-def test_attenuation_step(benchmark, device, impl):
-    """The whole attenuation step (norms, select, attenuate) of VGG-16 against a per-layer eager
-    PyTorch loop that a user would write. ``pruner`` runs on the device's default backend,
-    ``pruner_triton`` on the Triton kernels (one launch per op over the whole model)."""
-    backend = _triton_or_skip(device) if impl == "pruner_triton" else None
+def _pruned_vgg16(device, width: float):
     torch.manual_seed(0)
-    model = vgg(16, width=1.0 if device.type == "cuda" else 0.25).to(device)
-    pruner = Pruner(model, method_config("attenuation", ratio=0.5, interval=1), backend=backend)
+    model = vgg(16, width=width).to(device)
+    pruner = Pruner(model, method_config("attenuation", ratio=0.5, interval=1), backend="reference")
     pruner.start(10 ** 9)
-    convs = [layer.conv for layer in pruner.layers]
-    bns = [layer.bn for layer in pruner.layers]
+    return model, pruner
+
+
+def _vgg16_widths(device):
+    return (1.0,) if device.type == "cuda" else (1.0, 0.25)
+
+
+@pytest.mark.parametrize("width", [1.0, 0.25])
+@pytest.mark.parametrize("impl", ["native", "triton", "reference", "eager_per_layer"])
+def test_attenuation_step_ops(benchmark, device, impl, width):
+    """The three ops of one attenuation step over VGG-16 (L1 norms of every filter, per-layer
+    selection of the 50% weakest, attenuation of weight, gamma, beta and BN statistics) on one
+    backend, against the per-layer eager PyTorch loop a user would write."""
+    if width not in _vgg16_widths(device):
+        pytest.skip(f"VGG-16 x{width} is benchmarked on the CPU only")
+    backend = None if impl == "eager_per_layer" else _backend_or_skip(impl, device)
+    model, pruner = _pruned_vgg16(device, width)
+    weights, biases, gammas, betas = pruner._filter_tensors()
+    means = [layer.bn.running_mean for layer in pruner.layers]
+    variances = [layer.bn.running_var for layer in pruner.layers]
+    ks = torch.tensor([weak_count(0.5, n) for n in pruner.counts], device=device)
+    removed = torch.zeros_like(pruner.status, dtype=torch.bool)
+
+    def fused():
+        scores = ops.filter_norms(weights, "l1", backend=backend)
+        weak = ops.select_weak(scores, removed, pruner.counts, ks, backend=backend)
+        ops.attenuate_(weights, biases, gammas, betas, weak, pruner.status, pruner.multiplier, 0.99, 0.0,
+                       running_means=means, running_vars=variances, backend=backend)
+        _sync(device)
 
     def eager():
         with torch.no_grad():
-            for conv, bn in zip(convs, bns):
-                norms = conv.weight.abs().flatten(1).sum(1)
-                weak = norms.argsort()[: conv.out_channels // 2]
-                for t in (conv.weight, bn.weight, bn.bias):
-                    t[weak] *= 0.7
+            for w, gamma, beta, mean, var, k in zip(weights, gammas, betas, means, variances, ks.tolist()):
+                weak = w.abs().flatten(1).sum(1).argsort()[:k]
+                for t in (w, gamma, beta, mean):
+                    t[weak] *= 0.99
+                var[weak] *= 0.99 ** 2
         _sync(device)
 
-    def ours():
+    parameters = sum(w.numel() * w.element_size() for w in weights)
+    benchmark.extra_info.update(backend=impl, width=width, device=str(device), filters=sum(pruner.counts),
+                                bytes=parameters)  # the norm pass reads every weight once
+    benchmark(eager if impl == "eager_per_layer" else fused)
+
+
+@pytest.mark.parametrize("impl", ["native", "triton", "reference", "eager_per_layer"])
+def test_filter_norms(benchmark, device, impl):
+    """The L1 norm of every filter of a conv model: the memory-bound pass (GB/s against the copy
+    bandwidth). VGG-16 on the CPU; a ~100M-parameter stack of VGG-16-shaped weights on a GPU."""
+    backend = None if impl == "eager_per_layer" else _backend_or_skip(impl, device)
+    model, pruner = _pruned_vgg16(device, 1.0)
+    weights = [w.detach() for w in pruner._filter_tensors()[0]]
+    if device.type == "cuda":
+        weights = weights * 7  # 7 x 14.7M = 103M parameters
+    def eager():
+        torch.cat([w.abs().flatten(1).sum(1) for w in weights])
+        _sync(device)
+
+    def fused():
+        ops.filter_norms(weights, "l1", backend=backend)
+        _sync(device)
+
+    benchmark.extra_info.update(backend=impl, device=str(device),
+                                bytes=sum(w.numel() * w.element_size() for w in weights))
+    benchmark(eager if impl == "eager_per_layer" else fused)
+
+
+@pytest.mark.parametrize("impl", ["native", "triton", "reference"])
+def test_pruner_attenuation_step(benchmark, device, impl):
+    """The engine's whole attenuation step (criterion, ramp, select, attenuate, bookkeeping, live
+    masks) of VGG-16 on one backend."""
+    backend = _backend_or_skip(impl, device)
+    torch.manual_seed(0)
+    model = vgg(16, width=1.0 if device.type == "cuda" else 0.25).to(device)
+    pruner = Pruner(model, method_config("attenuation", ratio=0.5, interval=1, factor=0.99), backend=backend)
+    pruner.start(10 ** 9)
+
+    def step():
         pruner.attenuation_step()
         _sync(device)
 
-    benchmark.extra_info.update(backend=backend or "default", device=str(device))
-    benchmark(eager if impl == "eager_per_layer" else ours)
+    benchmark.extra_info.update(backend=impl, device=str(device))
+    benchmark(step)

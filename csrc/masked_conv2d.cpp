@@ -177,8 +177,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backwar
   const auto full = output_size(x, weight, stride, padding, dilation);
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(full), "masked_conv2d_backward: grad_out has shape ",
               grad_out.sizes(), ", the output ", at::IntArrayRef(full));
-  const at::Tensor g = grad_out.contiguous(output_format(x, weight));
-  const at::Tensor gc = p.out_index ? gather_channels(g, *p.out_index) : g;
+  // Gathered through its strides: an expanded gradient (of a sum, say) is never materialised.
+  const at::Tensor gc = p.out_index ? gather_channels(grad_out, *p.out_index) : grad_out;
   const bool convolve = p.live_out > 0 && p.live_in > 0;
   at::Tensor gx, gw, gb, gs;
   if (convolve && (output_mask[0] || output_mask[1] || output_mask[3])) {

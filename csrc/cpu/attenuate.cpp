@@ -48,6 +48,21 @@ void scale_row(scalar_t* row, int64_t k, float s) {
   for (int64_t j = 0; j < k; ++j) row[j] = row[j] * factor;
 }
 
+// Every dtype is checked before anything is scaled, so that an error leaves the model untouched.
+void check_dtypes(const char* op, at::TensorList weights, at::TensorList vectors) {
+  const auto supported = [](at::ScalarType t) {
+    return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+  };
+  for (size_t l = 0; l < weights.size(); ++l) {
+    TORCH_CHECK(supported(weights[l].scalar_type()), op, ": weight ", l, " has dtype ", weights[l].scalar_type(),
+                "; supported are float, double, half and bfloat16");
+  }
+  for (size_t j = 0; j < vectors.size(); ++j) {
+    TORCH_CHECK(supported(vectors[j].scalar_type()), op, ": vector ", j, " has dtype ", vectors[j].scalar_type(),
+                "; supported are float, double, half and bfloat16");
+  }
+}
+
 // The pass shared by both ops: `update(global filter index)` returns the filter's scale.
 template <typename Update>
 void scale_filters(const FilterRows& rows, const std::vector<LayerVectors>& vectors, const Update& update) {
@@ -72,6 +87,7 @@ std::tuple<at::Tensor, at::Tensor> attenuate_cpu(
     at::TensorList weights, at::TensorList vector_list, at::IntArrayRef slots, const at::Tensor& weak,
     const at::Tensor& status, const at::Tensor& multiplier, double factor, double eps, bool restore) {
   const int64_t total = check_attenuate_args(weights, vector_list, slots, weak, status, multiplier, factor, eps);
+  check_dtypes("attenuate_", weights, vector_list);
   const FilterRows rows(weights);
   const auto vectors = vector_refs(static_cast<int64_t>(weights.size()), vector_list, slots);
   at::Tensor returned = at::empty({total}, weak.options());
@@ -98,6 +114,7 @@ std::tuple<at::Tensor, at::Tensor> attenuate_cpu(
 void zero_removed_cpu(at::TensorList weights, at::TensorList vector_list, at::IntArrayRef slots,
                       const at::Tensor& status) {
   check_zero_removed_args(weights, vector_list, slots, status);
+  check_dtypes("zero_removed_", weights, vector_list);
   const FilterRows rows(weights);
   const auto vectors = vector_refs(static_cast<int64_t>(weights.size()), vector_list, slots);
   const uint8_t* status_p = status.const_data_ptr<uint8_t>();

@@ -15,10 +15,6 @@ namespace {
 
 constexpr int64_t kGrain = 1 << 15;  // elements per parallel chunk, at least
 
-bool is_channels_last(const at::Tensor& t) {
-  return t.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
-}
-
 template <typename Fn>
 void with_element_type(int64_t size, const Fn& fn) {
   switch (size) {
@@ -40,28 +36,41 @@ std::vector<int64_t> compact_positions(const at::Tensor& index, int64_t n) {
 
 }  // namespace
 
-at::Tensor gather_channels_cpu(const at::Tensor& x_in, const at::Tensor& index_in) {
-  const auto format = is_channels_last(x_in) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  const at::Tensor x = x_in.contiguous(format), index = index_in.contiguous();
-  const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3), m = index.numel();
-  at::Tensor out = at::empty({N, m, x.size(2), x.size(3)}, x.options().memory_format(format));
+at::Tensor gather_channels_cpu(const at::Tensor& x, const at::Tensor& index_in) {
+  // Reads x through its strides (an expanded gradient is never materialised); writes the compact
+  // tensor in x's suggested memory format.
+  const auto format = x.suggest_memory_format();
+  const at::Tensor index = index_in.contiguous();
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), P = H * W, m = index.numel();
+  const int64_t sN = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
+  at::Tensor out = at::empty({N, m, H, W}, x.options().memory_format(format));
   const int64_t* idx = index.const_data_ptr<int64_t>();
   with_element_type(x.element_size(), [&](auto zero) {
     using T = decltype(zero);
     const T* src = static_cast<const T*>(x.const_data_ptr());
     T* dst = static_cast<T*>(out.data_ptr());
-    if (format == at::MemoryFormat::Contiguous) {
-      at::parallel_for(0, N * m, std::max<int64_t>(1, kGrain / std::max<int64_t>(P, 1)), [&](int64_t b, int64_t e) {
-        for (int64_t r = b; r < e; ++r) {
-          std::memcpy(dst + r * P, src + ((r / m) * C + idx[r % m]) * P, P * sizeof(T));
+    if (format == at::MemoryFormat::ChannelsLast) {
+      at::parallel_for(0, N * P, std::max<int64_t>(1, kGrain / std::max<int64_t>(m, 1)), [&](int64_t b, int64_t e) {
+        for (int64_t q = b; q < e; ++q) {
+          const int64_t n = q / P, h = (q % P) / W, w = q % W;
+          const T* s = src + n * sN + h * sH + w * sW;
+          T* d = dst + q * m;
+          for (int64_t j = 0; j < m; ++j) d[j] = s[idx[j] * sC];
         }
       });
     } else {
-      at::parallel_for(0, N * P, std::max<int64_t>(1, kGrain / std::max<int64_t>(m, 1)), [&](int64_t b, int64_t e) {
-        for (int64_t q = b; q < e; ++q) {
-          const T* s = src + q * C;
-          T* d = dst + q * m;
-          for (int64_t j = 0; j < m; ++j) d[j] = s[idx[j]];
+      const bool dense_planes = sW == 1 && sH == W;
+      at::parallel_for(0, N * m, std::max<int64_t>(1, kGrain / std::max<int64_t>(P, 1)), [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) {
+          const T* s = src + (r / m) * sN + idx[r % m] * sC;
+          T* d = dst + r * P;
+          if (dense_planes) {
+            std::memcpy(d, s, P * sizeof(T));
+          } else {
+            for (int64_t h = 0; h < H; ++h) {
+              for (int64_t w = 0; w < W; ++w) d[h * W + w] = s[h * sH + w * sW];
+            }
+          }
         }
       });
     }
@@ -69,33 +78,36 @@ at::Tensor gather_channels_cpu(const at::Tensor& x_in, const at::Tensor& index_i
   return out;
 }
 
-at::Tensor scatter_channels_cpu(const at::Tensor& compact_in, const at::Tensor& index, int64_t n) {
-  const auto format = is_channels_last(compact_in) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  const at::Tensor compact = compact_in.contiguous(format);
+at::Tensor scatter_channels_cpu(const at::Tensor& compact_in, const at::Tensor& index_in, int64_t n) {
+  const auto format = compact_in.suggest_memory_format();
+  const at::Tensor compact = compact_in.contiguous(format), index = index_in.contiguous();
   const int64_t N = compact.size(0), m = compact.size(1), P = compact.size(2) * compact.size(3);
   at::Tensor out = at::empty({N, n, compact.size(2), compact.size(3)}, compact.options().memory_format(format));
-  const std::vector<int64_t> pos = compact_positions(index.contiguous(), n);
+  const int64_t* idx = index.const_data_ptr<int64_t>();
   with_element_type(compact.element_size(), [&](auto zero) {
     using T = decltype(zero);
     const T* src = static_cast<const T*>(compact.const_data_ptr());
     T* dst = static_cast<T*>(out.data_ptr());
-    if (format == at::MemoryFormat::Contiguous) {
+    // All-zero bits are 0.0 in every floating type: dead channels are memset.
+    if (format == at::MemoryFormat::ChannelsLast) {
+      at::parallel_for(0, N * P, std::max<int64_t>(1, kGrain / std::max<int64_t>(n, 1)), [&](int64_t b, int64_t e) {
+        for (int64_t q = b; q < e; ++q) {
+          const T* s = src + q * m;
+          T* d = dst + q * n;
+          std::memset(d, 0, n * sizeof(T));
+          for (int64_t j = 0; j < m; ++j) d[idx[j]] = s[j];
+        }
+      });
+    } else {
+      const std::vector<int64_t> pos = compact_positions(index, n);
       at::parallel_for(0, N * n, std::max<int64_t>(1, kGrain / std::max<int64_t>(P, 1)), [&](int64_t b, int64_t e) {
         for (int64_t r = b; r < e; ++r) {
           const int64_t j = pos[r % n];
           if (j >= 0) {
             std::memcpy(dst + r * P, src + ((r / n) * m + j) * P, P * sizeof(T));
           } else {
-            std::memset(dst + r * P, 0, P * sizeof(T));  // all-zero bits: 0.0 in every float type
+            std::memset(dst + r * P, 0, P * sizeof(T));
           }
-        }
-      });
-    } else {
-      at::parallel_for(0, N * P, std::max<int64_t>(1, kGrain / std::max<int64_t>(n, 1)), [&](int64_t b, int64_t e) {
-        for (int64_t q = b; q < e; ++q) {
-          const T* s = src + q * m;
-          T* d = dst + q * n;
-          for (int64_t c = 0; c < n; ++c) d[c] = pos[c] >= 0 ? s[pos[c]] : T{0};
         }
       });
     }

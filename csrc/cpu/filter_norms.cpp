@@ -41,7 +41,14 @@ float row_norm(const scalar_t* row, int64_t k, NormOrder ord) {
 at::Tensor filter_norms_cpu(at::TensorList weights, c10::string_view ord_name) {
   const NormOrder ord = parse_norm_order(ord_name);
   check_filter_lists("filter_norms", weights, {}, {}, 0);
-  FilterRows rows(weights);
+  // Other floating types (float8, say) are read as float32, the reference's own conversion.
+  std::vector<at::Tensor> readable;
+  for (const at::Tensor& w : weights) {
+    const auto t = w.scalar_type();
+    const bool kernel_type = t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+    readable.push_back(kernel_type ? w : w.to(at::kFloat));
+  }
+  FilterRows rows(readable);
   at::Tensor out = at::empty({rows.total()}, weights[0].options().dtype(at::kFloat));
   float* out_ptr = out.data_ptr<float>();
   rows.parallel_for([&](int64_t layer, int64_t begin, int64_t end) {
