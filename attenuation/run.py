@@ -169,7 +169,8 @@ class Run:
                "train_loss": result.loss, "train_acc": result.accuracy, "test_loss": test_loss,
                "test_acc": test_acc, "live_fraction": self._live_fraction(),
                "lr": lr_at(phase, (epoch + 1) * steps - 1, total, self.config.lr),
-               "seconds": result.seconds, "images_per_second": result.images / result.seconds}
+               "seconds": result.seconds, "images_per_second": result.images / result.seconds,
+               "pruning_seconds": result.pruning_seconds, "macs": count_macs(self.model, live_only=True)}
         self.state["metrics"].append(row)
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -19,6 +19,7 @@ class EpochResult:
     accuracy: float        # percent
     seconds: float
     images: int
+    pruning_seconds: float = 0.0  # in after_step (the pruner); host time, so on CUDA its launches only
 
 
 PRUNING_LR_FRACTION = 0.4
@@ -59,6 +60,7 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *,
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     images = 0
+    pruning_seconds = 0.0
     start = time.perf_counter()
     bar = tqdm(loader, desc=progress, leave=False, dynamic_ncols=True, disable=progress is None)
     for i, (x, y) in enumerate(bar):
@@ -71,7 +73,9 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *,
         loss.backward()
         optimizer.step()
         if after_step is not None:
+            pruning_started = time.perf_counter()
             after_step()
+            pruning_seconds += time.perf_counter() - pruning_started
         loss_sum += loss.detach() * y.shape[0]
         correct += (logits.argmax(1) == y).sum()
         images += y.shape[0]
@@ -80,7 +84,7 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *,
                             acc=f"{100 * correct.item() / images:.1f}", live=f"{live_fraction():.2f}")
     bar.close()
     return EpochResult(loss_sum.item() / max(images, 1), 100.0 * correct.item() / max(images, 1),
-                       time.perf_counter() - start, images)
+                       time.perf_counter() - start, images, pruning_seconds)
 
 
 @torch.no_grad()

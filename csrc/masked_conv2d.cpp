@@ -52,9 +52,11 @@ at::Tensor scatter_weight(const at::Tensor& g, const c10::optional<at::Tensor>& 
 // A channel index list, checked; nullopt when it selects every channel. On the CPU the values are
 // checked (strictly increasing, in range), so a full list is recognised as "all live" and costs
 // nothing; on the GPU that would need a host read, so a given list is always gathered (the values
-// must then be strictly increasing and in range, as nonzero() of a mask gives them).
+// must then be strictly increasing and in range, as nonzero() of a mask gives them). An input index
+// list is always kept: the gathered input is an output of the forward, and its shape must not
+// depend on the values.
 c10::optional<at::Tensor> live_index(const char* name, const c10::optional<at::Tensor>& index, int64_t n,
-                                     const at::Tensor& x) {
+                                     const at::Tensor& x, bool keep_full_list) {
   if (!index.has_value() || !index->defined()) return c10::nullopt;
   const at::Tensor& idx = *index;
   TORCH_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kLong, "masked_conv2d: ", name,
@@ -70,7 +72,7 @@ c10::optional<at::Tensor> live_index(const char* name, const c10::optional<at::T
       TORCH_CHECK(v[j] >= 0 && v[j] < n, "masked_conv2d: ", name, " has channel ", v[j], " out of [0, ", n, ")");
       TORCH_CHECK(j == 0 || v[j] > v[j - 1], "masked_conv2d: ", name, " must be strictly increasing");
     }
-    if (c.numel() == n) return c10::nullopt;
+    if (c.numel() == n && !keep_full_list) return c10::nullopt;
     return c;
   }
   return idx.contiguous();
@@ -81,14 +83,13 @@ struct Problem {
   int64_t live_out, live_in;
 };
 
+// `x_is_live`: x holds the live input channels only (the backward's saved input).
 Problem check_problem(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                       const c10::optional<at::Tensor>& out_index, const c10::optional<at::Tensor>& in_index,
                       const c10::optional<at::Tensor>& scale, at::IntArrayRef stride, at::IntArrayRef padding,
-                      at::IntArrayRef dilation) {
+                      at::IntArrayRef dilation, bool x_is_live) {
   TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, "masked_conv2d: expected 4-D input and weight, got ",
               x.dim(), "-D and ", weight.dim(), "-D");
-  TORCH_CHECK(x.size(1) == weight.size(1), "masked_conv2d: input has ", x.size(1),
-              " channels, weight expects ", weight.size(1));
   TORCH_CHECK(x.is_floating_point() && x.scalar_type() == weight.scalar_type(),
               "masked_conv2d: input and weight must have the same floating dtype, got ", x.scalar_type(),
               " and ", weight.scalar_type());
@@ -113,11 +114,14 @@ Problem check_problem(const at::Tensor& x, const at::Tensor& weight, const c10::
                 " like the input, got ", bias->scalar_type());
   }
   Problem p;
-  p.out_index = live_index("out_index", out_index, n_out, x);
-  p.in_index = live_index("in_index", in_index, weight.size(1), x);
+  p.out_index = live_index("out_index", out_index, n_out, x, false);
+  p.in_index = live_index("in_index", in_index, weight.size(1), x, true);
   p.scale = scale.has_value() && scale->defined() ? scale : c10::nullopt;
   p.live_out = p.out_index ? p.out_index->numel() : n_out;
   p.live_in = p.in_index ? p.in_index->numel() : weight.size(1);
+  const int64_t expected = x_is_live ? p.live_in : weight.size(1);
+  TORCH_CHECK(x.size(1) == expected, "masked_conv2d", x_is_live ? "_backward: the live input has " : ": input has ",
+              x.size(1), " channels, expected ", expected);
   return p;
 }
 
@@ -145,35 +149,39 @@ at::MemoryFormat output_format(const at::Tensor& x, const at::Tensor& weight) {
 
 }  // namespace
 
-at::Tensor masked_conv2d(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                         const c10::optional<at::Tensor>& out_index, const c10::optional<at::Tensor>& in_index,
-                         const c10::optional<at::Tensor>& scale, at::IntArrayRef stride, at::IntArrayRef padding,
-                         at::IntArrayRef dilation) {
-  const Problem p = check_problem(x, weight, bias, out_index, in_index, scale, stride, padding, dilation);
+std::tuple<at::Tensor, at::Tensor> masked_conv2d(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& out_index, const c10::optional<at::Tensor>& in_index,
+    const c10::optional<at::Tensor>& scale, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const Problem p = check_problem(x, weight, bias, out_index, in_index, scale, stride, padding, dilation, false);
   const auto full = output_size(x, weight, stride, padding, dilation);
+  const auto format = output_format(x, weight);
+  // The live input channels, returned for the backward (which then need not gather them again).
+  const at::Tensor x_live = p.in_index ? gather_channels(x, *p.in_index) : x.new_empty({0});
   at::Tensor b = bias.has_value() && bias->defined() ? *bias : at::Tensor();
   if (b.defined() && p.out_index) b = b.index_select(0, *p.out_index);
   at::Tensor y;
   if (p.live_out == 0) {
-    return at::zeros(full, x.options().memory_format(output_format(x, weight)));
+    return {at::zeros(full, x.options().memory_format(format)), x_live};
   } else if (p.live_in == 0) {  // nothing to convolve: the live channels hold their bias
-    y = at::zeros({full[0], p.live_out, full[2], full[3]}, x.options().memory_format(output_format(x, weight)));
+    y = at::zeros({full[0], p.live_out, full[2], full[3]}, x.options().memory_format(format));
     if (b.defined()) y.add_(b.view({1, -1, 1, 1}));
   } else {
-    const at::Tensor xc = p.in_index ? gather_channels(x, *p.in_index) : x;
     const at::Tensor wc = gather_weight(weight, p.out_index, p.in_index, p.scale);
-    y = at::convolution(xc, wc, b.defined() ? c10::optional<at::Tensor>(b) : c10::nullopt, stride, padding,
-                        dilation, false, {0, 0}, 1);
+    y = at::convolution(p.in_index ? x_live : x, wc, b.defined() ? c10::optional<at::Tensor>(b) : c10::nullopt,
+                        stride, padding, dilation, false, {0, 0}, 1);
   }
-  return p.out_index ? scatter_channels(y, *p.out_index, weight.size(0)) : y;
+  return {p.out_index ? scatter_channels(y, *p.out_index, weight.size(0)) : y, x_live};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& grad_out, const at::Tensor& x_live, const at::Tensor& weight,
     const c10::optional<at::Tensor>& out_index, const c10::optional<at::Tensor>& in_index,
     const c10::optional<at::Tensor>& scale, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, std::array<bool, 4> output_mask) {
-  const Problem p = check_problem(x, weight, c10::nullopt, out_index, in_index, scale, stride, padding, dilation);
+  const at::Tensor& x = x_live;
+  const Problem p = check_problem(x, weight, c10::nullopt, out_index, in_index, scale, stride, padding, dilation,
+                                  true);
   const auto full = output_size(x, weight, stride, padding, dilation);
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(full), "masked_conv2d_backward: grad_out has shape ",
               grad_out.sizes(), ", the output ", at::IntArrayRef(full));
@@ -182,17 +190,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backwar
   const bool convolve = p.live_out > 0 && p.live_in > 0;
   at::Tensor gx, gw, gb, gs;
   if (convolve && (output_mask[0] || output_mask[1] || output_mask[3])) {
-    const at::Tensor xc = p.in_index ? gather_channels(x, *p.in_index) : x;
     const at::Tensor wc = gather_weight(weight, p.out_index, p.in_index, p.scale);
     std::tie(gx, gw, std::ignore) = at::convolution_backward(
-        gc, xc, wc, c10::nullopt, stride, padding, dilation, false, {0, 0}, 1,
+        gc, x, wc, c10::nullopt, stride, padding, dilation, false, {0, 0}, 1,
         {output_mask[0], output_mask[1] || output_mask[3], false});
   }
   const auto empty = x.new_empty({0});
   at::Tensor grad_x = empty, grad_w = empty, grad_b = empty, grad_s = empty;
   if (output_mask[0]) {
-    if (!gx.defined()) grad_x = at::zeros(x.sizes(), x.options());
-    else grad_x = p.in_index ? scatter_channels(gx, *p.in_index, x.size(1)) : gx;
+    const std::vector<int64_t> x_size{x.size(0), weight.size(1), x.size(2), x.size(3)};
+    if (!gx.defined()) grad_x = at::zeros(x_size, x.options());
+    else grad_x = p.in_index ? scatter_channels(gx, *p.in_index, weight.size(1)) : gx;
     grad_x = grad_x.contiguous(output_format(x, weight));
   }
   if (output_mask[1]) {

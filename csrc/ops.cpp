@@ -24,13 +24,15 @@ TORCH_LIBRARY(attenuation, m) {
       "Tensor(c!) status, Tensor(d!) multiplier, float factor, float eps, bool restore) "
       "-> (Tensor, Tensor)");
   m.def("zero_removed_(Tensor(a!)[] weights, Tensor(b!)[] vectors, int[] slots, Tensor status) -> ()");
+  // Returns (output, x_live): x_live is the input's live channels (gathered; an empty tensor when
+  // in_index is None), which autograd saves for the backward instead of gathering them again.
   m.def(
       "masked_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor? out_index, Tensor? in_index, "
-      "Tensor? scale, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
-  // Gradients of (x, weight, bias, scale); an entry of output_mask that is false gets an empty
-  // tensor of shape (0,).
+      "Tensor? scale, int[2] stride, int[2] padding, int[2] dilation) -> (Tensor, Tensor)");
+  // Gradients of (x, weight, bias, scale) from x_live (x itself when in_index is None); an entry of
+  // output_mask that is false gets an empty tensor of shape (0,).
   m.def(
-      "masked_conv2d_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? out_index, "
+      "masked_conv2d_backward(Tensor grad_out, Tensor x_live, Tensor weight, Tensor? out_index, "
       "Tensor? in_index, Tensor? scale, int[2] stride, int[2] padding, int[2] dilation, "
       "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -294,7 +294,8 @@ def _opcheck_samples(device):
                                       scale, *geometry)),
         (_ops.masked_conv2d.default, (x.to(memory_format=torch.channels_last), w, scale, None, in_index, None,
                                       *geometry)),
-        (_ops.masked_conv2d_backward.default, (torch.randn(2, 5, 7, 7, generator=g).to(device), x.detach(), w.detach(), out_index,
+        (_ops.masked_conv2d_backward.default, (torch.randn(2, 5, 7, 7, generator=g).to(device),
+                                               x.detach()[:, in_index], w.detach(), out_index,
                                                in_index, scale, *geometry, [True, True, True, True])),
     ]
 
@@ -367,3 +368,34 @@ def test_autocast_casts_like_conv2d():
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got[:, out_index], expected[:, out_index])
     assert not got[:, [0, 3, 4]].any()
+
+
+def test_package_works_without_the_extension_and_says_so_once():
+    """With attenuation._C missing, the package imports, warns once and runs the reference."""
+    import pathlib
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import sys, warnings
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "attenuation._C":
+                    raise ImportError("blocked for the test")
+        sys.meta_path.insert(0, Block())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import torch
+            from attenuation import ops
+            import attenuation.modules, attenuation.pruner
+        messages = [str(w.message) for w in caught if "native extension" in str(w.message)]
+        assert len(messages) == 1, messages
+        assert "native" not in ops.available_backends()
+        assert ops.backends.default_backend(torch.device("cpu")) == "reference"
+        print(ops.filter_norms([torch.ones(2, 3)], "l1").tolist())
+    """)
+    root = pathlib.Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[3.0, 3.0]"

@@ -43,6 +43,8 @@ def test_smoke_run_writes_every_output(tiny_npz, tmp_path):
     assert summary["pruned"]["params"] < summary["baseline"]["params"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in rows] == ["baseline", "attenuation", "recovery", "finetune"]
+    assert rows[1]["pruning_seconds"] > rows[0]["pruning_seconds"] >= 0  # the baseline only calls a no-op
+    assert rows[0]["macs"] == summary["baseline"]["macs"] and rows[-1]["macs"] == summary["pruned"]["macs"]
     report = (out / "report.md").read_text()
     assert "| removal |" in report and "npz file" in report
     model = load_pruned(out / "model.pt")

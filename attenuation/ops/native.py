@@ -65,13 +65,19 @@ def _weight_format(weight: Tensor) -> torch.memory_format:
 @torch.library.register_fake("attenuation::masked_conv2d")
 def _(x, weight, bias, out_index, in_index, scale, stride, padding, dilation):
     size = reference._output_size(x, weight, stride, padding, dilation)
-    return x.new_empty((x.shape[0], weight.shape[0], *size)).contiguous(memory_format=_output_format(x, weight))
+    y = x.new_empty((x.shape[0], weight.shape[0], *size)).contiguous(memory_format=_output_format(x, weight))
+    if in_index is None:
+        return y, x.new_empty((0,))
+    live = x.new_empty((x.shape[0], in_index.shape[0], *x.shape[2:]))
+    return y, live.contiguous(memory_format=suggest_memory_format(x))
 
 
 @torch.library.register_fake("attenuation::masked_conv2d_backward")
-def _(grad_out, x, weight, out_index, in_index, scale, stride, padding, dilation, output_mask):
+def _(grad_out, x_live, weight, out_index, in_index, scale, stride, padding, dilation, output_mask):
+    x = x_live
     empty = x.new_empty((0,))
-    grad_x = torch.empty_like(x, memory_format=_output_format(x, weight)) if output_mask[0] else empty
+    x_size = (x.shape[0], weight.shape[1], *x.shape[2:])
+    grad_x = x.new_empty(x_size).contiguous(memory_format=_output_format(x, weight)) if output_mask[0] else empty
     grad_w = torch.empty_like(weight, memory_format=_weight_format(weight)) if output_mask[1] else empty
     grad_b = x.new_empty((weight.shape[0],)) if output_mask[2] else empty
     grad_s = scale.new_empty((weight.shape[0],)) if output_mask[3] else empty
@@ -82,18 +88,20 @@ def _(grad_out, x, weight, out_index, in_index, scale, stride, padding, dilation
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, out_index, in_index, scale, stride, padding, dilation = inputs
-    ctx.save_for_backward(x, weight, out_index, in_index, scale)
+    x_live = output[1] if in_index is not None else x
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x_live, weight, out_index, in_index, scale)
     ctx.geometry = (stride, padding, dilation)
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, grad):
-    x, weight, out_index, in_index, scale = ctx.saved_tensors
+def _backward(ctx, grad, _grad_x_live):
+    x_live, weight, out_index, in_index, scale = ctx.saved_tensors
     need = ctx.needs_input_grad
     mask = [need[0], need[1], need[2] and ctx.has_bias, need[5] and scale is not None]
     if not any(mask):
         return (None,) * 9
-    grads = _ops.masked_conv2d_backward(grad, x, weight, out_index, in_index, scale, *ctx.geometry, mask)
+    grads = _ops.masked_conv2d_backward(grad, x_live, weight, out_index, in_index, scale, *ctx.geometry, mask)
     gx, gw, gb, gs = (g if wanted else None for g, wanted in zip(grads, mask))
     return gx, gw, gb, None, None, gs, None, None, None
 
@@ -170,4 +178,4 @@ def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_index: 
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     return _ops.masked_conv2d(x, weight, bias, out_index, in_index, scale, list(_pair(stride)),
-                              list(_pair(padding)), list(_pair(dilation)))
+                              list(_pair(padding)), list(_pair(dilation)))[0]
