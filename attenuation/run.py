@@ -14,6 +14,7 @@ from .checkpoint import load_checkpoint, save_atomic
 from .config import PHASES, RunConfig
 from .data import DeviceLoader, download_cifar10, load_cifar10, resolve_cifar10, subset
 from .models import build_model, vgg
+from .ops.backends import default_backend
 from .profiling import count_macs, count_parameters, measure_latency
 from .pruner import Pruner
 from .surgery import remove_filters, save_pruned
@@ -241,7 +242,8 @@ class Run:
             data_source=self.data_source, device=describe_device(self.device),
             phases=self.state["phases"],
             summary=summary, plots=["curves.png", "filter_fates.png"],
-            notes=[f"{record['removed_filters']} of {record['filters']} filters removed, "
+            notes=[f"ops backend: {c.backend or default_backend(self.device)}",
+                   f"{record['removed_filters']} of {record['filters']} filters removed, "
                    f"{record['returns']} returns; latency is the median forward time at batch "
                    f"{c.latency_batch}; the pruned rows before removal use the masked convolution."])
         return summary
