@@ -173,6 +173,12 @@ def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_index: 
                           "runs the reference implementation for it", stacklevel=2)
         return reference.masked_conv2d(x, weight, bias, out_index, in_index, scale, stride, padding,
                                        dilation, groups)
+    # A list naming every channel is the identity (the op requires strictly increasing lists): pass
+    # None, so that nothing is gathered. A decision on shapes only: no host read, compile-friendly.
+    if out_index is not None and out_index.numel() == weight.shape[0]:
+        out_index = None
+    if in_index is not None and in_index.numel() == weight.shape[1]:
+        in_index = None
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
