@@ -100,7 +100,7 @@ def test_import_without_triton_leaves_no_triton_backend():
     code = "import sys\nsys.modules['triton'] = None\n" + _LOAD_SOURCE_TREE + textwrap.dedent("""
         import attenuation.ops as ops
         assert attenuation_triton.backend is None and attenuation_triton.IMPORT_ERROR is not None
-        assert ops.available_backends() == ['reference'], ops.available_backends()
+        assert 'triton' not in ops.available_backends(), ops.available_backends()
         print('ok')
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
