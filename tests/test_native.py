@@ -202,6 +202,15 @@ def _layout(t, layout):
     return t
 
 
+@pytest.fixture(params=["compact", "dense"])
+def strategy(request, monkeypatch):
+    """Both strategies of the native masked conv: the compact problem, or the dense convolution on
+    zero-masked weights (which the CPU picks when most MACs are live)."""
+    monkeypatch.setattr(native, "DENSE_FROM_MAC_FRACTION", {"cpu": 1.01, "cuda": 1.01} if request.param == "compact"
+                        else {"cpu": 0.0, "cuda": 0.0})
+    return request.param
+
+
 CONV_GEOMETRY = [dict(stride=[1, 1], padding=[1, 1], dilation=[1, 1]),
                  dict(stride=[2, 1], padding=[2, 0], dilation=[1, 2])]
 
@@ -212,7 +221,7 @@ CONV_GEOMETRY = [dict(stride=[1, 1], padding=[1, 1], dilation=[1, 1]),
 @pytest.mark.parametrize("live", [("half", "half"), ("all", "one"), ("none", "half"), ("half", "none"),
                                   ("all-implicit", "half"), ("all", "all")])
 @pytest.mark.parametrize("geometry", CONV_GEOMETRY)
-def test_masked_conv2d_forward_matches_reference(device, dtype, layout, live, geometry):
+def test_masked_conv2d_forward_matches_reference(device, dtype, layout, live, geometry, strategy):
     g = torch.Generator().manual_seed(3)
     x = _layout(torch.randn(3, 7, 9, 11, generator=g), layout).to(device, dtype)
     w = torch.randn(10, 7, 3, 3, generator=g).to(device, dtype)
@@ -233,7 +242,7 @@ def test_masked_conv2d_forward_matches_reference(device, dtype, layout, live, ge
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("live", [("half", "half"), ("one", "all"), ("none", "half"), ("half", "none"),
                                   ("all-implicit", "all-implicit")])
-def test_masked_conv2d_gradients_match_float64_reference(device, layout, live):
+def test_masked_conv2d_gradients_match_float64_reference(device, layout, live, strategy):
     g = torch.Generator().manual_seed(5)
     x = _layout(torch.randn(2, 6, 7, 8, generator=g), layout).to(device)
     w = torch.randn(9, 6, 3, 3, generator=g).to(device)
@@ -256,7 +265,7 @@ def test_masked_conv2d_gradients_match_float64_reference(device, layout, live):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_masked_conv2d_gradcheck(device):
+def test_masked_conv2d_gradcheck(device, strategy):
     g = torch.Generator().manual_seed(6)
     x = torch.randn(2, 5, 6, 5, generator=g, dtype=torch.float64).to(device).requires_grad_()
     w = torch.randn(4, 5, 3, 3, generator=g, dtype=torch.float64).to(device).requires_grad_()
@@ -366,7 +375,8 @@ def test_autocast_casts_like_conv2d():
         got = native.masked_conv2d(x, w, b, out_index, None, None, 1, 1, 1)
         expected = F.conv2d(x, w, b, 1, 1)
     assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got[:, out_index], expected[:, out_index])
+    # bfloat16 rounding: the bias may be added after the convolution's output is rounded
+    torch.testing.assert_close(got[:, out_index], expected[:, out_index], rtol=2e-2, atol=1e-2)
     assert not got[:, [0, 3, 4]].any()
 
 

@@ -135,7 +135,7 @@ def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_index: 
     live_out = n_out if out_index is None else out_index.numel()
     live_in = n_in if in_index is None else in_index.numel()
     if live_out * live_in >= GATHER_BELOW_MAC_FRACTION * n_out * n_in:
-        return _masked_dense(x, weight, bias, out_index, in_index, scale, stride, padding, dilation, groups)
+        return masked_dense_conv2d(x, weight, bias, out_index, in_index, scale, stride, padding, dilation, groups)
     return _gathered(x, weight, bias, out_index, in_index, scale, stride, padding, dilation)
 
 
@@ -145,7 +145,9 @@ def _channel_mask(index: Optional[Tensor], n: int, like: Tensor) -> Optional[Ten
     return torch.zeros(n, dtype=like.dtype, device=like.device).index_fill_(0, index, 1)
 
 
-def _masked_dense(x, weight, bias, out_index, in_index, scale, stride, padding, dilation, groups):
+def masked_dense_conv2d(x, weight, bias, out_index, in_index, scale, stride, padding, dilation, groups=1):
+    """The masked convolution as the dense convolution on weights whose dead rows and columns are
+    zeroed: the cheaper strategy when most MACs are live."""
     out_mask = _channel_mask(out_index, weight.shape[0], weight)
     in_mask = _channel_mask(in_index, weight.shape[1], weight)
     w = weight
