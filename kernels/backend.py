@@ -23,7 +23,6 @@ Tensor contract:
 from __future__ import annotations
 
 import math
-import warnings
 from collections import OrderedDict
 from typing import Optional, Sequence
 
@@ -300,9 +299,6 @@ def zero_removed_(weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
 
 # ------------------------------------------------------------------------------------ masked conv
 
-_warned_masked_conv = False
-
-
 def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_index: Optional[Tensor],
                   in_index: Optional[Tensor], scale: Optional[Tensor], stride, padding, dilation,
                   groups: int = 1) -> Tensor:
@@ -312,12 +308,9 @@ def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_index: 
     once per process."""
     why = _masked_conv2d.unsupported(x, weight, bias, scale, stride, padding, dilation, groups)
     if why is not None:
-        global _warned_masked_conv
-        if not _warned_masked_conv:
-            _warned_masked_conv = True
-            warnings.warn(f"attenuation_triton: masked_conv2d has no Triton kernel for {why}; the triton "
-                          "backend runs the reference implementation for it", stacklevel=2)
         from attenuation.ops import reference
+        from attenuation.ops.backends import warn_reference_fallback
+        warn_reference_fallback("triton", "masked_conv2d", why)
         return reference.masked_conv2d(x, weight, bias, out_index, in_index, scale, stride, padding,
                                        dilation, groups)
     _check_device(x.device)

@@ -63,6 +63,19 @@ def get_backend(name: Optional[str], device: torch.device):
                          f"{', '.join(available_backends())}") from None
 
 
+_warned_fallbacks: set[tuple[str, str]] = set()
+
+
+def warn_reference_fallback(backend: str, op: str, why: str) -> None:
+    """Say once per process, backend and op that a call the backend does not cover (``why``) runs
+    the reference implementation instead: never silently, never a crash deep in a kernel."""
+    if (backend, op) in _warned_fallbacks:
+        return
+    _warned_fallbacks.add((backend, op))
+    warnings.warn(f"attenuation: the {backend} backend's {op} does not cover {why}; it runs the reference "
+                  "implementation for it", stacklevel=3)
+
+
 def register_triton_backend() -> bool:
     """Register ``attenuation_triton`` as ``"triton"`` (not preferred) if it and triton import.
 

@@ -8,7 +8,6 @@ not built (see :func:`attenuation.ops.backends.register_native_backend`).
 """
 from __future__ import annotations
 
-import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -19,6 +18,7 @@ from torch.nn.modules.utils import _pair
 from attenuation import _C  # noqa: F401  (loading it registers the ops)
 
 from . import reference
+from .backends import warn_reference_fallback
 
 _ops = torch.ops.attenuation
 
@@ -145,8 +145,6 @@ def zero_removed_(weights, biases, gammas, betas, status: Tensor) -> None:
     _ops.zero_removed_([w.detach() for w in weights], vectors, slots, status)
 
 
-_warned_fallback = False
-
 # At or above this fraction of the dense MACs, the CPU runs the library's dense convolution on
 # weights whose dead rows and columns are zeroed (the same result) instead of the compact problem:
 # there the gathers and scatters of whole activations cost more than the skipped MACs save. The
@@ -174,11 +172,7 @@ def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_index: 
     (groups != 1, string padding) run the reference, with a warning once per process."""
     why = _unsupported(x, weight, padding, groups)
     if why is not None:
-        global _warned_fallback
-        if not _warned_fallback:
-            _warned_fallback = True
-            warnings.warn(f"attenuation: the native masked_conv2d does not cover {why}; the native backend "
-                          "runs the reference implementation for it", stacklevel=2)
+        warn_reference_fallback("native", "masked_conv2d", why)
         return reference.masked_conv2d(x, weight, bias, out_index, in_index, scale, stride, padding,
                                        dilation, groups)
     # A list naming every channel is the identity (the op requires strictly increasing lists): pass

@@ -115,76 +115,69 @@ at::Tensor scatter_channels_cpu(const at::Tensor& compact_in, const at::Tensor& 
   return out;
 }
 
-at::Tensor gather_weight_cpu(const at::Tensor& weight, const c10::optional<at::Tensor>& out_index,
-                             const c10::optional<at::Tensor>& in_index, const c10::optional<at::Tensor>& scale) {
-  const at::Tensor out_idx = out_index.has_value() ? out_index->contiguous() : at::Tensor();
-  const at::Tensor in_idx = in_index.has_value() ? in_index->contiguous() : at::Tensor();
-  const int64_t O = out_idx.defined() ? out_idx.numel() : weight.size(0);
-  const int64_t I = in_idx.defined() ? in_idx.numel() : weight.size(1);
-  const int64_t KH = weight.size(2), KW = weight.size(3);
-  at::Tensor out = at::empty({O, I, KH, KW}, weight.options().memory_format(weight.suggest_memory_format()));
+namespace {
+
+// Moves the live block of a weight between its full and its compact form, times the scale of each
+// full output channel: gathering reads full[out[o], in[i]] into compact[o, i], scattering writes
+// compact[o, i] there. Weights are small: plain loops through the strides.
+void move_weight_block(const at::Tensor& full, const at::Tensor& compact, const at::Tensor& out_idx,
+                       const at::Tensor& in_idx, const c10::optional<at::Tensor>& scale, bool scatter) {
   // The scale in the weight's dtype, as the reference multiplies the output by scale.to(dtype).
-  const at::Tensor s = scale.has_value() ? scale->to(weight.scalar_type()).contiguous() : at::Tensor();
+  const at::Tensor s = scale.has_value() ? scale->to(full.scalar_type()).contiguous() : at::Tensor();
   const int64_t* oi = out_idx.defined() ? out_idx.const_data_ptr<int64_t>() : nullptr;
   const int64_t* ii = in_idx.defined() ? in_idx.const_data_ptr<int64_t>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "gather_weight", [&] {
+  const int64_t O = compact.size(0), I = compact.size(1), KH = compact.size(2), KW = compact.size(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, full.scalar_type(), "move_weight_block", [&] {
     const scalar_t* sp = s.defined() ? s.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* w = weight.const_data_ptr<scalar_t>();
-    scalar_t* d = out.data_ptr<scalar_t>();
-    const auto ws = weight.strides();
-    const auto os = out.strides();
+    scalar_t* f = static_cast<scalar_t*>(full.data_ptr());
+    scalar_t* c = static_cast<scalar_t*>(compact.data_ptr());
+    const auto fs = full.strides();
+    const auto cs = compact.strides();
     at::parallel_for(0, O, 1, [&](int64_t b, int64_t e) {
       for (int64_t o = b; o < e; ++o) {
-        const int64_t src_o = oi ? oi[o] : o;
-        const scalar_t factor = sp ? sp[src_o] : scalar_t(1);
+        const int64_t full_o = oi ? oi[o] : o;
+        const scalar_t factor = sp ? sp[full_o] : scalar_t(1);
         for (int64_t i = 0; i < I; ++i) {
-          const int64_t src_i = ii ? ii[i] : i;
+          const int64_t full_i = ii ? ii[i] : i;
           for (int64_t kh = 0; kh < KH; ++kh) {
             for (int64_t kw = 0; kw < KW; ++kw) {
-              const scalar_t v = w[src_o * ws[0] + src_i * ws[1] + kh * ws[2] + kw * ws[3]];
-              d[o * os[0] + i * os[1] + kh * os[2] + kw * os[3]] = sp ? v * factor : v;
+              scalar_t& fv = f[full_o * fs[0] + full_i * fs[1] + kh * fs[2] + kw * fs[3]];
+              scalar_t& cv = c[o * cs[0] + i * cs[1] + kh * cs[2] + kw * cs[3]];
+              if (scatter) {
+                fv = sp ? cv * factor : cv;
+              } else {
+                cv = sp ? fv * factor : fv;
+              }
             }
           }
         }
       }
     });
   });
-  return out;
+}
+
+at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& index) {
+  return index.has_value() ? index->contiguous() : at::Tensor();
+}
+
+}  // namespace
+
+at::Tensor gather_weight_cpu(const at::Tensor& weight, const c10::optional<at::Tensor>& out_index,
+                             const c10::optional<at::Tensor>& in_index, const c10::optional<at::Tensor>& scale) {
+  const at::Tensor out_idx = contiguous_or_undefined(out_index), in_idx = contiguous_or_undefined(in_index);
+  const int64_t O = out_idx.defined() ? out_idx.numel() : weight.size(0);
+  const int64_t I = in_idx.defined() ? in_idx.numel() : weight.size(1);
+  at::Tensor compact = at::empty({O, I, weight.size(2), weight.size(3)},
+                                 weight.options().memory_format(weight.suggest_memory_format()));
+  move_weight_block(weight, compact, out_idx, in_idx, scale, false);
+  return compact;
 }
 
 at::Tensor scatter_weight_cpu(const at::Tensor& g, const c10::optional<at::Tensor>& out_index,
                               const c10::optional<at::Tensor>& in_index, const c10::optional<at::Tensor>& scale,
                               at::IntArrayRef full_sizes) {
-  const at::Tensor out_idx = out_index.has_value() ? out_index->contiguous() : at::Tensor();
-  const at::Tensor in_idx = in_index.has_value() ? in_index->contiguous() : at::Tensor();
   at::Tensor full = at::zeros(full_sizes, g.options().memory_format(g.suggest_memory_format()));
-  // The scale in the weight's dtype, as the reference multiplies the output by scale.to(dtype).
-  const at::Tensor s = scale.has_value() ? scale->to(g.scalar_type()).contiguous() : at::Tensor();
-  const int64_t* oi = out_idx.defined() ? out_idx.const_data_ptr<int64_t>() : nullptr;
-  const int64_t* ii = in_idx.defined() ? in_idx.const_data_ptr<int64_t>() : nullptr;
-  const int64_t O = g.size(0), I = g.size(1), KH = g.size(2), KW = g.size(3);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "scatter_weight", [&] {
-    const scalar_t* sp = s.defined() ? s.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* src = g.const_data_ptr<scalar_t>();
-    scalar_t* d = full.data_ptr<scalar_t>();
-    const auto gs = g.strides();
-    const auto fs = full.strides();
-    at::parallel_for(0, O, 1, [&](int64_t b, int64_t e) {
-      for (int64_t o = b; o < e; ++o) {
-        const int64_t dst_o = oi ? oi[o] : o;
-        const scalar_t factor = sp ? sp[dst_o] : scalar_t(1);
-        for (int64_t i = 0; i < I; ++i) {
-          const int64_t dst_i = ii ? ii[i] : i;
-          for (int64_t kh = 0; kh < KH; ++kh) {
-            for (int64_t kw = 0; kw < KW; ++kw) {
-              const scalar_t v = src[o * gs[0] + i * gs[1] + kh * gs[2] + kw * gs[3]];
-              d[dst_o * fs[0] + dst_i * fs[1] + kh * fs[2] + kw * fs[3]] = sp ? v * factor : v;
-            }
-          }
-        }
-      }
-    });
-  });
+  move_weight_block(full, g, contiguous_or_undefined(out_index), contiguous_or_undefined(in_index), scale, true);
   return full;
 }
 

@@ -176,14 +176,25 @@ void launch_gather(const at::Tensor& src, const at::Tensor& dst, const int64_t* 
 
 const int64_t* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<int64_t>() : nullptr; }
 
+// What gather and scatter both start with: the checks, the device guard, the input in its memory
+// format and the two optional index lists (members initialised in this order).
+struct Operands {
+  Operands(const char* op, const at::Tensor& input, const c10::optional<at::Tensor>& out_index,
+           const c10::optional<at::Tensor>& in_index)
+      : device_guard((check_4d(op, input), input.device())),
+        format(input.suggest_memory_format()),
+        src(input.contiguous(format)),
+        index0(index_arg(op, "out_index", out_index, src)),
+        index1(index_arg(op, "in_index", in_index, src)) {}
+  const c10::cuda::CUDAGuard device_guard;
+  const at::MemoryFormat format;
+  const at::Tensor src, index0, index1;
+};
+
 at::Tensor gather(const char* op, const at::Tensor& input, const c10::optional<at::Tensor>& out_index,
                   const c10::optional<at::Tensor>& in_index, const c10::optional<at::Tensor>& scale) {
-  check_4d(op, input);
-  const c10::cuda::CUDAGuard device_guard(input.device());
-  const at::MemoryFormat format = input.suggest_memory_format();
-  const at::Tensor src = input.contiguous(format);
-  const at::Tensor index0 = index_arg(op, "out_index", out_index, src);
-  const at::Tensor index1 = index_arg(op, "in_index", in_index, src);
+  const Operands operands(op, input, out_index, in_index);
+  const auto& [device_guard, format, src, index0, index1] = operands;
   const at::Tensor s = scale_arg(op, scale, src.size(0), src);
   at::Tensor dst = at::empty({index0.defined() ? index0.numel() : src.size(0),
                               index1.defined() ? index1.numel() : src.size(1), src.size(2), src.size(3)},
@@ -195,12 +206,8 @@ at::Tensor gather(const char* op, const at::Tensor& input, const c10::optional<a
 at::Tensor scatter(const char* op, const at::Tensor& input, const c10::optional<at::Tensor>& out_index,
                    const c10::optional<at::Tensor>& in_index, const c10::optional<at::Tensor>& scale,
                    at::IntArrayRef full_sizes) {
-  check_4d(op, input);
-  const c10::cuda::CUDAGuard device_guard(input.device());
-  const at::MemoryFormat format = input.suggest_memory_format();
-  const at::Tensor src = input.contiguous(format);
-  const at::Tensor index0 = index_arg(op, "out_index", out_index, src);
-  const at::Tensor index1 = index_arg(op, "in_index", in_index, src);
+  const Operands operands(op, input, out_index, in_index);
+  const auto& [device_guard, format, src, index0, index1] = operands;
   TORCH_CHECK(full_sizes.size() == 4 && full_sizes[0] >= 0 && full_sizes[1] >= 0 &&
                   full_sizes[2] == src.size(2) && full_sizes[3] == src.size(3) &&
                   src.size(0) == (index0.defined() ? index0.numel() : full_sizes[0]) &&
