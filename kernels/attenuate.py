@@ -25,6 +25,8 @@ back; float64 tensors are scaled in float64.
 import triton
 import triton.language as tl
 
+from .layer_table import program_filters
+
 ACTIVE, WEAK, REMOVED = 0, 1, 2  # = attenuation.ops.reference's codes (checked by the tests)
 
 # Columns of a layer row of the table: flat offset of the first filter, number of filters, weight
@@ -79,16 +81,7 @@ def attenuate_kernel(layers_ptr, blocks_ptr, status_ptr, mult_ptr, weak_ptr, ret
                      BT_DTYPE: tl.constexpr, RM_DTYPE: tl.constexpr, RV_DTYPE: tl.constexpr,
                      ZERO_ONLY: tl.constexpr, RESTORE: tl.constexpr, NCOL: tl.constexpr,
                      BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
-    layer = tl.load(blocks_ptr + 2 * pid)
-    f0 = tl.load(blocks_ptr + 2 * pid + 1)
-    row = layers_ptr + layer * NCOL
-    start = tl.load(row + 0)
-    n = tl.load(row + 1)
-    K = tl.load(row + 2)                                # weight row length
-
-    f = f0 + tl.arange(0, BLOCK_F)                      # int64 filter indices within the layer
-    fmask = f < n
+    row, start, K, f, fmask = program_filters(layers_ptr, blocks_ptr, NCOL, BLOCK_F)  # K: weight row length
     flat = start + f
     status = tl.load(status_ptr + flat, mask=fmask, other=0)
     if ZERO_ONLY:

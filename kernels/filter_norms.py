@@ -14,6 +14,8 @@ compile-time constant).
 import triton
 import triton.language as tl
 
+from .layer_table import program_filters
+
 # Columns of a layer row of the table: output offset, number of filters, row length K, weight
 # address, filter stride (elements).
 NCOL = 5
@@ -29,18 +31,9 @@ def _max_keep_nan(a, b):
 def filter_norms_kernel(layers_ptr, blocks_ptr, out_ptr,
                         DTYPE: tl.constexpr, ORD: tl.constexpr, NCOL: tl.constexpr,
                         BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
-    layer = tl.load(blocks_ptr + 2 * pid)
-    f0 = tl.load(blocks_ptr + 2 * pid + 1)
-    row = layers_ptr + layer * NCOL
-    out_offset = tl.load(row + 0)
-    n = tl.load(row + 1)
-    K = tl.load(row + 2)
+    row, out_offset, K, f, fmask = program_filters(layers_ptr, blocks_ptr, NCOL, BLOCK_F)
     base = tl.load(row + 3).to(tl.pointer_type(DTYPE))
     fstride = tl.load(row + 4)
-
-    f = f0 + tl.arange(0, BLOCK_F)                      # int64 filter indices
-    fmask = f < n
     rows = base + f * fstride
     acc = tl.zeros([BLOCK_F, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
