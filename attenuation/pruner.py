@@ -98,6 +98,9 @@ class Pruner:
         self.history: list[Tensor] = []       # status after each attenuation step
         self.history_steps: list[int] = []
         self.n_removed = 0           # host copy, refreshed whenever removals may have happened
+        # Per layer, the removed counts (its own, its input source's) its live masks were set for:
+        # removal is permanent, so equal counts mean equal masks and the layer is left alone.
+        self._live_set_for: list = [None] * len(self.layers)
         self._layer_of = torch.repeat_interleave(
             torch.arange(len(self.counts), device=device), torch.tensor(self.counts, device=device))
         self._hooks = self._register_gradient_masks() if self.config.mask_gradients else []
@@ -208,11 +211,16 @@ class Pruner:
         removed_per_layer.index_add_(0, self._layer_of, (self.status == ops.REMOVED).long())
         removed_per_layer = removed_per_layer.tolist()
         self.n_removed = sum(removed_per_layer)
-        live = self.keep_masks()
+        live = None
         for i, layer in enumerate(self.layers):
             source = layer.source
-            source_live = live[source] if source is not None and removed_per_layer[source] else None
-            layer.conv.set_live(live[i] if removed_per_layer[i] else None, source_live)
+            counts = (removed_per_layer[i], removed_per_layer[source] if source is not None else 0)
+            if self._live_set_for[i] == counts:
+                continue
+            live = self.keep_masks() if live is None else live
+            source_live = live[source] if source is not None and counts[1] else None
+            layer.conv.set_live(live[i] if counts[0] else None, source_live)
+            self._live_set_for[i] = counts
 
     def _register_gradient_masks(self):
         handles = []
@@ -301,4 +309,5 @@ class Pruner:
         history = state["history"]
         self.history = [] if history is None else [row.to(device) for row in history]
         self.history_steps = list(state["history_steps"])
+        self._live_set_for = [None] * len(self.layers)  # a loaded status may differ in any way
         self._refresh_live()
