@@ -277,6 +277,30 @@ def test_masked_conv2d_gradcheck(device, strategy):
     assert torch.autograd.gradcheck(fn, (x, w, b, scale))
 
 
+def test_drop_in_conv_compiles_with_fullgraph():
+    """AttenuatedConv2d on the native backend under torch.compile(fullgraph=True): the fake kernels
+    and the autograd formula trace, forward and backward, and agree with eager mode."""
+    from attenuation.modules import AttenuatedConv2d
+
+    conv = AttenuatedConv2d(6, 8, 3, padding=1, backend="native")
+    conv.set_live(torch.tensor([1, 0, 1, 1, 0, 0, 1, 0], dtype=torch.bool),
+                  torch.tensor([1, 1, 0, 1, 0, 1], dtype=torch.bool))
+    x = torch.randn(2, 6, 7, 7)
+
+    def step(x):
+        return conv(x).square().sum()
+
+    results = []
+    for fn in (torch.compile(step, backend="aot_eager", fullgraph=True), step):
+        conv.zero_grad()
+        leaf = x.clone().requires_grad_()
+        loss = fn(leaf)
+        loss.backward()
+        results.append((loss, leaf.grad, conv.weight.grad.clone(), conv.bias.grad.clone()))
+    for compiled, eager in zip(*results):
+        torch.testing.assert_close(compiled, eager)
+
+
 # --------------------------------------------------------------------------------------- opcheck
 
 def _opcheck_samples(device):
