@@ -49,14 +49,12 @@ at::Tensor scatter_weight(const at::Tensor& g, const c10::optional<at::Tensor>& 
   return scatter_weight_cpu(g, out_index, in_index, scale, full_sizes);
 }
 
-// A channel index list, checked; nullopt when it selects every channel. On the CPU the values are
-// checked (strictly increasing, in range), so a full list is recognised as "all live" and costs
-// nothing; on the GPU that would need a host read, so a given list is always gathered (the values
-// must then be strictly increasing and in range, as nonzero() of a mask gives them). An input index
-// list is always kept: the gathered input is an output of the forward, and its shape must not
-// depend on the values.
+// A channel index list, checked. On the CPU the values are checked too (strictly increasing, in
+// range); on the GPU that would need a host read, so they must be as nonzero() of a mask gives them.
+// A given list is always gathered, even a full one: the gathered input is an output of the forward,
+// whose shape must not depend on the values (the Python backend passes None for full lists).
 c10::optional<at::Tensor> live_index(const char* name, const c10::optional<at::Tensor>& index, int64_t n,
-                                     const at::Tensor& x, bool keep_full_list) {
+                                     const at::Tensor& x) {
   if (!index.has_value() || !index->defined()) return c10::nullopt;
   const at::Tensor& idx = *index;
   TORCH_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kLong, "masked_conv2d: ", name,
@@ -72,7 +70,6 @@ c10::optional<at::Tensor> live_index(const char* name, const c10::optional<at::T
       TORCH_CHECK(v[j] >= 0 && v[j] < n, "masked_conv2d: ", name, " has channel ", v[j], " out of [0, ", n, ")");
       TORCH_CHECK(j == 0 || v[j] > v[j - 1], "masked_conv2d: ", name, " must be strictly increasing");
     }
-    if (c.numel() == n && !keep_full_list) return c10::nullopt;
     return c;
   }
   return idx.contiguous();
@@ -114,8 +111,8 @@ Problem check_problem(const at::Tensor& x, const at::Tensor& weight, const c10::
                 " like the input, got ", bias->scalar_type());
   }
   Problem p;
-  p.out_index = live_index("out_index", out_index, n_out, x, false);
-  p.in_index = live_index("in_index", in_index, weight.size(1), x, true);
+  p.out_index = live_index("out_index", out_index, n_out, x);
+  p.in_index = live_index("in_index", in_index, weight.size(1), x);
   p.scale = scale.has_value() && scale->defined() ? scale : c10::nullopt;
   p.live_out = p.out_index ? p.out_index->numel() : n_out;
   p.live_in = p.in_index ? p.in_index->numel() : weight.size(1);
@@ -138,13 +135,12 @@ std::vector<int64_t> output_size(const at::Tensor& x, const at::Tensor& weight, 
   return size;
 }
 
-at::MemoryFormat format_of(const at::Tensor& t) { return t.suggest_memory_format(); }
-
 // The memory format of the library convolution's output: channels-last if the input or the weight
 // is (oneDNN and cuDNN both decide so); every output of the op follows it.
 at::MemoryFormat output_format(const at::Tensor& x, const at::Tensor& weight) {
   const auto cl = at::MemoryFormat::ChannelsLast;
-  return format_of(x) == cl || format_of(weight) == cl ? cl : at::MemoryFormat::Contiguous;
+  return x.suggest_memory_format() == cl || weight.suggest_memory_format() == cl ? cl
+                                                                                 : at::MemoryFormat::Contiguous;
 }
 
 }  // namespace
@@ -206,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backwar
   if (output_mask[1]) {
     grad_w = gw.defined() ? scatter_weight(gw, p.out_index, p.in_index, p.scale, weight.sizes())
                           : at::zeros(weight.sizes(), weight.options());
-    grad_w = grad_w.contiguous(format_of(weight));
+    grad_w = grad_w.contiguous(weight.suggest_memory_format());
   }
   if (output_mask[2]) {
     const at::Tensor live = p.live_out ? gc.sum({0, 2, 3}) : gc.new_zeros({0});
