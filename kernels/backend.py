@@ -299,13 +299,24 @@ def zero_removed_(weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
 
 # ------------------------------------------------------------------------------------ masked conv
 
+def _autocast_operand(t: Optional[Tensor], device_type: str) -> Optional[Tensor]:
+    """What autocast gives a convolution: float16/bfloat16/float32 tensors in the autocast dtype
+    (float64 and non-floating tensors stay as they are)."""
+    if t is None or t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return t
+    return t.to(torch.get_autocast_dtype(device_type))
+
+
 def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_index: Optional[Tensor],
                   in_index: Optional[Tensor], scale: Optional[Tensor], stride, padding, dilation,
                   groups: int = 1) -> Tensor:
     """The reference's masked convolution as Triton implicit-GEMM kernels (forward and backward,
     see :mod:`attenuation_triton.masked_conv2d`). Cases the kernels do not cover (groups != 1,
-    other dtypes, string padding, autocast, ...) run the reference implementation, with a warning
-    once per process."""
+    other dtypes, string padding, ...) run the reference implementation, with a warning once per
+    process. Under autocast the floating operands are cast to the autocast dtype first, as F.conv2d
+    would cast them."""
+    if torch.is_autocast_enabled(x.device.type):
+        x, weight, bias, scale = (_autocast_operand(t, x.device.type) for t in (x, weight, bias, scale))
     why = _masked_conv2d.unsupported(x, weight, bias, scale, stride, padding, dilation, groups)
     if why is not None:
         from attenuation.ops import reference

@@ -19,9 +19,12 @@ positions, N_gemm = live input channels, K = live output channels * KH * KW; a t
 where ``ih + pad - kh * dil`` is a non-negative multiple of the stride within the output.
 Dead input channels get zeros from extra programs, as in the forward.
 
-Grad-weight (``masked_conv2d_dw_kernel``): per filter tap (third grid axis), a GEMM
-[live out] x [live in] with K = N * H_out * W_out. Only the live (out, in) block is written; the
-host zero-fills the result first when some channel is dead.
+Grad-weight (``masked_conv2d_dw_kernel``): per filter tap, a GEMM [live out] x [live in] with
+K = N * H_out * W_out. K is long and the channel tiles are few on early layers (64 x 64 channels:
+nine programs), so K is split (split-K, third grid axis = tap x split) into enough parts to fill the
+device; each part stores its partial sum into its own float32 slice and the host adds the slices
+(deterministic, no atomics). Only the live (out, in) block is written; the host zero-fills the
+result first when some channel is dead.
 
 Registration: two torch.library custom ops with fake implementations,
 ``attenuation_triton::masked_conv2d`` (autograd registered on it) and
@@ -32,8 +35,16 @@ reference's autograd, no convolution happens when no channel is live on one side
 input and weight get no gradient (None), not zeros.
 
 All tensors are addressed through their strides (NCHW, channels-last or any other strided layout);
-offsets are computed in int64. Block sizes are fixed (``TUNING``, the tests shrink them); no
-autotuning yet: the values are a plain starting point for a GPU, never measured.
+offsets are computed in int64.
+
+Precision: float32 inputs are multiplied in TF32 when PyTorch lets cuDNN convolutions use it
+(``torch.backends.cudnn.allow_tf32``, on by default), so that the kernels compute what the
+convolution they replace computes; in IEEE float32 otherwise, and always under the interpreter.
+
+Block sizes: on a GPU each kernel's tile sizes are tuned at run time per problem-size bucket
+(:mod:`.tuning`) among configurations chosen for Hopper (H100/H200) that also run elsewhere; under
+the interpreter, and when ``TUNING["autotune"]`` is off (the tests shrink the blocks so that tiny
+shapes cross block boundaries), the fixed sizes of ``TUNING`` are used.
 """
 from __future__ import annotations
 
@@ -43,21 +54,42 @@ import torch
 import triton
 import triton.language as tl
 
-TUNING = {"block_m": 64, "block_n": 32, "block_k": 32, "num_warps": 4}
+from .tuning import Config, Tuner, bucket
+
+# Fixed tiles (interpreter, tests) and the switches: "autotune" (None: on, except under the
+# interpreter, where timing means nothing), "dw_split" (a forced split-K count; None: chosen from the
+# device's multiprocessor count).
+TUNING = {"block_m": 64, "block_n": 32, "block_k": 32, "num_warps": 4, "autotune": None,
+          "dw_split": None}
+
+# Candidates for the forward and grad-input GEMMs (M = positions, N = live channels, K = channels
+# per filter tap): the usual Hopper tiles of Triton's GEMM tutorials, plus small ones for pruned
+# layers with few live channels.
+CONV_CONFIGS = [Config(128, 128, 32, 8, 3), Config(128, 128, 64, 8, 3), Config(128, 64, 32, 4, 4),
+                Config(64, 128, 32, 4, 4), Config(128, 256, 32, 8, 3), Config(256, 64, 32, 8, 3),
+                Config(64, 64, 32, 4, 4), Config(64, 32, 32, 4, 4)]
+# Grad-weight: M = live output channels, N = live input channels, K = output positions (long).
+GRAD_WEIGHT_CONFIGS = [Config(64, 64, 64, 4, 3), Config(128, 64, 64, 8, 3), Config(64, 128, 64, 8, 3),
+                       Config(128, 128, 32, 8, 3), Config(32, 64, 128, 4, 3), Config(32, 32, 128, 4, 3)]
+_TUNERS = {"forward": Tuner(CONV_CONFIGS), "grad_input": Tuner(CONV_CONFIGS),
+           "grad_weight": Tuner(GRAD_WEIGHT_CONFIGS)}
+# Split-K aims at this many programs per multiprocessor, each part keeping at least this many positions.
+_DW_PROGRAMS_PER_SM = 2
+_DW_MIN_SPLIT_LEN = 2048
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
               torch.float64: tl.float64}
 
 
 @triton.jit
-def _dot(a, b, acc, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+def _dot(a, b, acc, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     if UPCAST:  # Triton's interpreter multiplies bfloat16 tiles wrongly: it gets float32 ones
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     if ACC_DTYPE == tl.float64:
         acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float64)
     else:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
     return acc
 
 
@@ -87,7 +119,7 @@ def masked_conv2d_fwd_kernel(
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         KH: tl.constexpr, KW: tl.constexpr, ALL_OUT: tl.constexpr, ALL_IN: tl.constexpr,
         HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr,
-        UPCAST: tl.constexpr,
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -118,7 +150,7 @@ def masked_conv2d_fwd_kernel(
                             mask=ok[:, None] & k_mask[None, :], other=0.0)
                 b = tl.load(w_ptr + w_tap[None, :] + ci[:, None] * swi,
                             mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-                acc = _dot(a, b, acc, ACC_DTYPE, UPCAST)
+                acc = _dot(a, b, acc, ACC_DTYPE, UPCAST, PRECISION)
         if HAS_SCALE:
             s = tl.load(scale_ptr + co, mask=n_mask, other=0.0).to(ACC_DTYPE)
             acc = acc * s[None, :]
@@ -142,7 +174,7 @@ def masked_conv2d_dx_kernel(
         sgn, sgc, sgh, sgw, swo, swi, swh, sww, sdn, sdc, sdh, sdw,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         KH: tl.constexpr, KW: tl.constexpr, ALL_OUT: tl.constexpr, ALL_IN: tl.constexpr,
-        ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+        ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -180,7 +212,7 @@ def masked_conv2d_dx_kernel(
                             mask=ok[:, None] & k_mask[None, :], other=0.0)
                 b = tl.load(w_ptr + w_tap[None, :] + co[:, None] * swo,
                             mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-                acc = _dot(a, b, acc, ACC_DTYPE, UPCAST)
+                acc = _dot(a, b, acc, ACC_DTYPE, UPCAST, PRECISION)
         tl.store(dx_ptr + d_row[:, None] + ci[None, :] * sdc, acc.to(dx_ptr.dtype.element_ty),
                  mask=m_mask[:, None] & n_mask[None, :])
     else:
@@ -194,15 +226,16 @@ def masked_conv2d_dx_kernel(
 @triton.jit
 def masked_conv2d_dw_kernel(
         g_ptr, x_ptr, dw_ptr, out_idx_ptr, in_idx_ptr,
-        N, H, W, HO, WO, n_live_out, n_live_in,
-        sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw, swo, swi, swh, sww,
+        N, H, W, HO, WO, n_live_out, n_live_in, n_splits, split_len,
+        sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw, swo, swi, swh, sww, s_split,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         KW: tl.constexpr, ALL_OUT: tl.constexpr, ALL_IN: tl.constexpr, ACC_DTYPE: tl.constexpr,
-        UPCAST: tl.constexpr,
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    tap = tl.program_id(2)
+    tap = tl.program_id(2) // n_splits
+    split = tl.program_id(2) % n_splits
     kh = tap // KW
     kw = tap % KW
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -212,10 +245,11 @@ def masked_conv2d_dw_kernel(
     co = _channels(out_idx_ptr, offs_m, m_mask, ALL_OUT)
     ci = _channels(in_idx_ptr, offs_n, n_mask, ALL_IN)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    P = N * HO * WO
-    for p0 in range(0, P, BLOCK_K):
+    p_start = split * split_len
+    p_end = tl.minimum(p_start + split_len, N * HO * WO)
+    for p0 in range(p_start, p_end, BLOCK_K):
         offs_p = p0 + tl.arange(0, BLOCK_K)
-        p_mask = offs_p < P
+        p_mask = offs_p < p_end
         nb = offs_p // (HO * WO)
         rem = offs_p % (HO * WO)
         oh = rem // WO
@@ -229,9 +263,9 @@ def masked_conv2d_dw_kernel(
                     other=0.0)
         b = tl.load(x_ptr + x_pos[:, None] + ci[None, :] * sxc, mask=ok[:, None] & n_mask[None, :],
                     other=0.0)
-        acc = _dot(a, b, acc, ACC_DTYPE, UPCAST)
-    tl.store(dw_ptr + co[:, None] * swo + ci[None, :] * swi + kh * swh + kw * sww,
-             acc.to(dw_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        acc = _dot(a, b, acc, ACC_DTYPE, UPCAST, PRECISION)
+    tl.store(dw_ptr + split.to(tl.int64) * s_split + co[:, None] * swo + ci[None, :] * swi + kh * swh
+             + kw * sww, acc.to(dw_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 # ------------------------------------------------------------------------------------- host side
@@ -282,8 +316,6 @@ def unsupported(x, weight, bias, scale, stride, padding, dilation, groups):
     wo = (x.shape[3] + 2 * pw - dw * (weight.shape[3] - 1) - 1) // sw + 1
     if ho <= 0 or wo <= 0:
         return "an empty output"
-    if torch.is_autocast_enabled(x.device.type):
-        return "autocast"
     return None
 
 
@@ -304,8 +336,37 @@ def _upcast(dtype) -> bool:
     return dtype == torch.bfloat16 and INTERPRET
 
 
-def _blocks():
-    return TUNING["block_m"], TUNING["block_n"], TUNING["block_k"], TUNING["num_warps"]
+def _precision(dtype) -> str:
+    """tl.dot's input precision for float32 tiles: what cuDNN may use for the same convolution."""
+    return "tf32" if dtype == torch.float32 and not INTERPRET and torch.backends.cudnn.allow_tf32 else "ieee"
+
+
+def _launch(kind: str, key: tuple, launch) -> None:
+    """``launch(config)`` with the tuned configuration for ``key`` (GPU) or the fixed one of TUNING."""
+    autotune = TUNING.get("autotune")
+    if autotune or (autotune is None and not INTERPRET):
+        _TUNERS[kind].launch(key, launch)
+        return
+    bm, bn, bk, warps = TUNING["block_m"], TUNING["block_n"], TUNING["block_k"], TUNING["num_warps"]
+    # grad-weight: channel tiles of block_n on both sides, positions (K) by block_m
+    launch(Config(bn, bn, bm, warps) if kind == "grad_weight" else Config(bm, bn, bk, warps))
+
+
+def _grad_weight_splits(tiles: int, positions: int, device: torch.device) -> int:
+    """Split-K count of the grad-weight GEMM: enough programs for every multiprocessor."""
+    if TUNING.get("dw_split"):
+        return max(1, min(int(TUNING["dw_split"]), positions))
+    if device.type != "cuda" or tiles == 0:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = triton.cdiv(_DW_PROGRAMS_PER_SM * sms, tiles)
+    return max(1, min(wanted, positions // _DW_MIN_SPLIT_LEN))
+
+
+def _tune_key(x, weight, stride, padding, dilation, all_out, all_in, *sizes):
+    """What a tuned configuration depends on: dtype, layout, filter geometry, and size buckets."""
+    return (x.dtype, _channels_last(x), tuple(weight.shape[2:]), stride, dilation, padding == (0, 0),
+            all_out, all_in, *(bucket(n) for n in sizes))
 
 
 def conv_forward(x, weight, bias, scale, out_index, in_index, stride, padding, dilation):
@@ -321,21 +382,23 @@ def conv_forward(x, weight, bias, scale, out_index, in_index, stride, padding, d
     dead = None if out_index is None else _dead_index(out_index, n_out, x.device)
     n_dead = 0 if dead is None else dead.numel()
     m = n * ho * wo
-    bm, bn, bk, warps = _blocks()
-    grid = (triton.cdiv(m, bm), triton.cdiv(live_out, bn) + triton.cdiv(n_dead, bn))
-    if m == 0 or grid[1] == 0:
+    if m == 0 or live_out + n_dead == 0:
         return y
     dummy = x
-    masked_conv2d_fwd_kernel[grid](
-        x, weight, y, dummy if scale is None else scale, dummy if bias is None else bias,
-        dummy if out_index is None else out_index, dummy if dead is None else dead,
-        dummy if in_index is None else in_index,
-        n, h, w, ho, wo, live_out, n_dead, live_in,
-        *x.stride(), *weight.stride(), *y.stride(), sh, sw, ph, pw, dh, dw,
-        KH=kh, KW=kw, ALL_OUT=out_index is None, ALL_IN=in_index is None,
-        HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, ACC_DTYPE=_acc(x.dtype),
-        UPCAST=_upcast(x.dtype),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+
+    def launch(c: Config):
+        grid = (triton.cdiv(m, c.block_m), triton.cdiv(live_out, c.block_n) + triton.cdiv(n_dead, c.block_n))
+        masked_conv2d_fwd_kernel[grid](
+            x, weight, y, dummy if scale is None else scale, dummy if bias is None else bias,
+            dummy if out_index is None else out_index, dummy if dead is None else dead,
+            dummy if in_index is None else in_index,
+            n, h, w, ho, wo, live_out, n_dead, live_in,
+            *x.stride(), *weight.stride(), *y.stride(), sh, sw, ph, pw, dh, dw,
+            KH=kh, KW=kw, ALL_OUT=out_index is None, ALL_IN=in_index is None,
+            HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, ACC_DTYPE=_acc(x.dtype),
+            UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype), **c.launch_args())
+    _launch("forward", _tune_key(x, weight, stride, padding, dilation, out_index is None, in_index is None,
+                                 m, live_out, live_in), launch)
     return y
 
 
@@ -351,19 +414,21 @@ def conv_grad_input(g, weight, x_shape, x_channels_last, out_index, in_index, st
     dead = None if in_index is None else _dead_index(in_index, n_in, g.device)
     n_dead = 0 if dead is None else dead.numel()
     m = n * h * w
-    bm, bn, bk, warps = _blocks()
-    grid = (triton.cdiv(m, bm), triton.cdiv(live_in, bn) + triton.cdiv(n_dead, bn))
-    if m == 0 or grid[1] == 0:
+    if m == 0 or live_in + n_dead == 0:
         return dx
     dummy = g
-    masked_conv2d_dx_kernel[grid](
-        g, weight, dx, dummy if out_index is None else out_index, dummy if in_index is None else in_index,
-        dummy if dead is None else dead,
-        n, h, w, ho, wo, live_out, live_in, n_dead,
-        *g.stride(), *weight.stride(), *dx.stride(), sh, sw, ph, pw, dh, dw,
-        KH=kh, KW=kw, ALL_OUT=out_index is None, ALL_IN=in_index is None, ACC_DTYPE=_acc(g.dtype),
-        UPCAST=_upcast(g.dtype),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+
+    def launch(c: Config):
+        grid = (triton.cdiv(m, c.block_m), triton.cdiv(live_in, c.block_n) + triton.cdiv(n_dead, c.block_n))
+        masked_conv2d_dx_kernel[grid](
+            g, weight, dx, dummy if out_index is None else out_index, dummy if in_index is None else in_index,
+            dummy if dead is None else dead,
+            n, h, w, ho, wo, live_out, live_in, n_dead,
+            *g.stride(), *weight.stride(), *dx.stride(), sh, sw, ph, pw, dh, dw,
+            KH=kh, KW=kw, ALL_OUT=out_index is None, ALL_IN=in_index is None, ACC_DTYPE=_acc(g.dtype),
+            UPCAST=_upcast(g.dtype), PRECISION=_precision(g.dtype), **c.launch_args())
+    _launch("grad_input", _tune_key(g, weight, stride, padding, dilation, out_index is None, in_index is None,
+                                    m, live_in, live_out), launch)
     return dx
 
 
@@ -377,21 +442,35 @@ def conv_grad_weight(g, x, weight_shape, weight_layout, out_index, in_index, str
         if weight_layout is not None else _empty(weight_shape, x.dtype, x.device)
     live_out = n_out if out_index is None else out_index.numel()
     live_in = n_in if in_index is None else in_index.numel()
-    if live_out < n_out or live_in < n_in:
-        dwt.zero_()
-    bm, bn, bk, warps = _blocks()
-    bm, bk = bn, bm         # channel blocks of BLOCK_N each side, K (output positions) by BLOCK_M
-    grid = (triton.cdiv(live_out, bm), triton.cdiv(live_in, bn), kh * kw)
-    if grid[0] == 0 or grid[1] == 0:
-        return dwt
+    some_dead = live_out < n_out or live_in < n_in
+    positions = n * ho * wo
+    if live_out == 0 or live_in == 0 or positions == 0:
+        return dwt.zero_()
+    splits = _grad_weight_splits(triton.cdiv(live_out, 64) * triton.cdiv(live_in, 64) * kh * kw, positions,
+                                 x.device)
+    if splits == 1:
+        target, split_stride = (dwt.zero_() if some_dead else dwt), 0
+    else:       # one partial sum per split, in the accumulation dtype, added up below
+        target = _empty((splits, *weight_shape), torch.float64 if x.dtype == torch.float64 else torch.float32,
+                        x.device)
+        if some_dead:
+            target.zero_()
+        split_stride = target.stride(0)
+    split_len = triton.cdiv(positions, splits)
     dummy = g
-    masked_conv2d_dw_kernel[grid](
-        g, x, dwt, dummy if out_index is None else out_index, dummy if in_index is None else in_index,
-        n, h, w, ho, wo, live_out, live_in,
-        *g.stride(), *x.stride(), *dwt.stride(), sh, sw, ph, pw, dh, dw,
-        KW=kw, ALL_OUT=out_index is None, ALL_IN=in_index is None, ACC_DTYPE=_acc(x.dtype),
-        UPCAST=_upcast(x.dtype),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+
+    def launch(c: Config):
+        grid = (triton.cdiv(live_out, c.block_m), triton.cdiv(live_in, c.block_n), kh * kw * splits)
+        masked_conv2d_dw_kernel[grid](
+            g, x, target, dummy if out_index is None else out_index, dummy if in_index is None else in_index,
+            n, h, w, ho, wo, live_out, live_in, splits, split_len,
+            *g.stride(), *x.stride(), *target.stride()[-4:], split_stride, sh, sw, ph, pw, dh, dw,
+            KW=kw, ALL_OUT=out_index is None, ALL_IN=in_index is None, ACC_DTYPE=_acc(x.dtype),
+            UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype), **c.launch_args())
+    _launch("grad_weight", _tune_key(x, dwt, stride, padding, dilation, out_index is None, in_index is None,
+                                     live_out, live_in, positions, splits), launch)
+    if splits > 1:
+        dwt.copy_(target.sum(0))
     return dwt
 
 

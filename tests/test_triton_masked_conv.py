@@ -44,10 +44,13 @@ DEVICE = torch.device("cpu" if B is None or B.INTERPRET else "cuda")
 
 @pytest.fixture(autouse=True)
 def _small_blocks_poisoned_outputs(monkeypatch):
+    """Fixed small blocks (no tuning), IEEE float32 products (no TF32 on a GPU), poisoned outputs."""
     if B is None:
         return
     small = 4 if B.INTERPRET else 16
-    monkeypatch.setattr(MC, "TUNING", dict(block_m=16, block_n=small, block_k=small, num_warps=4))
+    monkeypatch.setattr(MC, "TUNING", dict(block_m=16, block_n=small, block_k=small, num_warps=4,
+                                           autotune=False, dw_split=None))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
     def poisoned(shape, dtype, device):
         return torch.full(shape, math.nan, dtype=dtype, device=device)
@@ -285,11 +288,103 @@ def test_pruned_module_trains_on_the_triton_backend():
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype,kinds,splits", [(torch.float64, ("all", "all"), 3),
+                                                (torch.float64, ("half", "half"), 5),
+                                                (torch.float64, ("one", "full"), 3),
+                                                (torch.float16, ("half", "all"), 3)])
+def test_grad_weight_split_k_adds_the_parts(monkeypatch, dtype, kinds, splits):
+    """Split-K (forced: 3 or 5 parts of the 2 x 7 x 6 = 84 positions, the last one shorter) gives
+    the reference's grad weight; the partial sums are poisoned like every fresh buffer."""
+    x, w, b, s, oi, ii = _problem(7, 5, (3, 3), *kinds, dtype=dtype, seed=16)
+    monkeypatch.setitem(MC.TUNING, "dw_split", splits)
+    if dtype == torch.float64:
+        _check_backward(x, w, b, s.to(dtype), oi, ii, (1, 1, 1), dtype)
+        return
+    upstream = torch.randn(2, 7, 7, 6, generator=torch.Generator().manual_seed(17)).to(DEVICE)
+    _, ref = _grads("reference", x.float(), w.float(), b.float(), s.float(), oi, ii, (1, 1, 1), upstream)
+    _, got = _grads("triton", x, w, b, s.to(dtype), oi, ii, (1, 1, 1), upstream.to(dtype))
+    assert got[1].dtype == dtype
+    torch.testing.assert_close(got[1].float(), ref[1], rtol=2e-2, atol=2e-2)
+
+
+def _tuned_with(monkeypatch, kinds, config):
+    """Route the ``kinds`` kernels through the run-time tuner with ``config`` as the single
+    candidate (timing faked); the others get TUNING's small blocks the same way."""
+    monkeypatch.setitem(MC.TUNING, "autotune", True)
+    for kind in MC._TUNERS:
+        candidate = config if kind in kinds else MC.Config(4, 4, 4) if kind == "grad_weight" else MC.Config(16, 4, 4)
+        monkeypatch.setitem(MC._TUNERS, kind, MC.Tuner([candidate], time_ms=lambda fn: fn() or 1.0))
+
+
+@pytest.mark.parametrize("config", MC.CONV_CONFIGS if MC else [], ids=str)
+def test_every_tuned_forward_and_grad_input_configuration_is_exact(monkeypatch, config):
+    _tuned_with(monkeypatch, ("forward", "grad_input"), config)
+    x, w, b, s, oi, ii = _problem(9, 7, (3, 3), "half", "half", dtype=torch.float64, seed=18)
+    _check_backward(x, w, b, s.double(), oi, ii, (1, 1, 1), torch.float64)
+
+
+@pytest.mark.parametrize("config", MC.GRAD_WEIGHT_CONFIGS if MC else [], ids=str)
+def test_every_tuned_grad_weight_configuration_is_exact(monkeypatch, config):
+    _tuned_with(monkeypatch, ("grad_weight",), config)
+    monkeypatch.setitem(MC.TUNING, "dw_split", 2)
+    x, w, b, s, oi, ii = _problem(9, 7, (3, 3), "half", "all", dtype=torch.float64, seed=19)
+    _check_backward(x, w, b, s.double(), oi, ii, (1, 1, 1), torch.float64)
+
+
+def test_autocast_runs_the_kernels_in_the_autocast_dtype():
+    """Under autocast (a bfloat16 training step) the kernels run, with no fallback, on the
+    operands F.conv2d would get; gradients reach the float32 leaves in float32."""
+    x, w, b, s, oi, ii = _problem(7, 5, (3, 3), "half", "half", seed=20)
+    results = {}
+    for backend in ("triton", "reference"):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b, s)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+                y = ops.masked_conv2d(*leaves[:3], oi, ii, leaves[3], 1, 1, 1, backend=backend)
+        y.float().square().sum().backward()
+        results[backend] = y, [t.grad for t in leaves]
+    (y, grads), (ref_y, ref_grads) = results["triton"], results["reference"]
+    assert y.dtype == ref_y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref_y.float(), rtol=3e-2, atol=5e-2)
+    for name, a, r in zip(("input", "weight", "bias", "scale"), grads, ref_grads):
+        assert a.dtype == torch.float32, name
+        torch.testing.assert_close(a, r, rtol=5e-2, atol=2e-1, msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.skipif(B is None or B.INTERPRET, reason="TF32 exists on a GPU only")
+def test_float32_follows_cudnn_tf32_setting(monkeypatch):
+    """With cuDNN allowed TF32 (PyTorch's default) float32 runs in TF32, like F.conv2d: close to a
+    float64 reference at TF32 accuracy, and different from the IEEE result."""
+    x, w, b, s, oi, ii = _problem(64, 64, (3, 3), "half", "half", hw=(16, 16), batch=4, seed=21)
+    ieee = ops.masked_conv2d(x, w, b, oi, ii, s, 1, 1, 1, backend="triton")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    tf32 = ops.masked_conv2d(x, w, b, oi, ii, s, 1, 1, 1, backend="triton")
+    ref = ops.masked_conv2d(x.double(), w.double(), b.double(), oi, ii, s.double(), 1, 1, 1,
+                            backend="reference")
+    torch.testing.assert_close(tf32.double(), ref, rtol=1e-2, atol=5e-2)
+    assert not torch.equal(tf32, ieee)
+
+
 # --------------------------------------------------------------------------------- compilation
+
+def _compile_for_gpu(code: str, tmp_path) -> None:
+    """Run a compile script without the interpreter (a fresh process: TRITON_INTERPRET is read at
+    import); skip when this triton has no CUDA backend or ptxas."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                            timeout=600, cwd=ROOT)
+    if result.returncode != 0 and ("No module named 'triton.backends" in result.stderr
+                                   or "ptxas" in result.stderr and "not found" in result.stderr):
+        pytest.skip(f"this triton cannot compile for CUDA here: {result.stderr.strip().splitlines()[-1]}")
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
 
 def test_kernels_compile_for_a_gpu_target(tmp_path):
     """The interpreter is more lenient than the compiler: compile the three kernels for sm_90 in
-    every dtype (no GPU needed, triton ships ptxas) so that typing errors show up here."""
+    every dtype, float32 in IEEE and TF32 precision (no GPU needed, triton ships ptxas) so that
+    typing errors show up here."""
     code = textwrap.dedent("""
         import triton, triton.language as tl
         from triton.compiler import ASTSource
@@ -306,35 +401,31 @@ def test_kernels_compile_for_a_gpu_target(tmp_path):
         for dt, p in ((tl.float16, "*fp16"), (tl.bfloat16, "*bf16"), (tl.float32, "*fp32"),
                       (tl.float64, "*fp64")):
             acc = tl.float64 if dt == tl.float64 else tl.float32
-            for every in ((False, True) if dt == tl.float32 else (False,)):
+            precisions = ("ieee", "tf32") if dt == tl.float32 else ("ieee",)
+            for every, precision in zip((False, True) if dt == tl.float32 else (False,), precisions):
                 build(mc.masked_conv2d_fwd_kernel,
                       {"x_ptr": p, "w_ptr": p, "y_ptr": p, "scale_ptr": "*fp32", "bias_ptr": p,
                        "out_idx_ptr": "*i64", "dead_idx_ptr": "*i64", "in_idx_ptr": "*i64"},
                       "N H W HO WO n_live_out n_dead_out n_live_in sxn sxc sxh sxw swo swi swh sww "
                       "syn syc syh syw " + conv,
                       dict(KH=3, KW=3, ALL_OUT=every, ALL_IN=every, HAS_SCALE=True, HAS_BIAS=True,
-                           ACC_DTYPE=acc, UPCAST=False, **blocks))
+                           ACC_DTYPE=acc, UPCAST=False, PRECISION=precision, **blocks))
                 build(mc.masked_conv2d_dx_kernel,
                       {"g_ptr": p, "w_ptr": p, "dx_ptr": p, "out_idx_ptr": "*i64", "in_idx_ptr": "*i64",
                        "dead_idx_ptr": "*i64"},
                       "N H W HO WO n_live_out n_live_in n_dead_in sgn sgc sgh sgw swo swi swh sww "
                       "sdn sdc sdh sdw " + conv,
-                      dict(KH=3, KW=3, ALL_OUT=every, ALL_IN=every, ACC_DTYPE=acc, UPCAST=False, **blocks))
+                      dict(KH=3, KW=3, ALL_OUT=every, ALL_IN=every, ACC_DTYPE=acc, UPCAST=False,
+                           PRECISION=precision, **blocks))
                 build(mc.masked_conv2d_dw_kernel,
                       {"g_ptr": p, "x_ptr": p, "dw_ptr": p, "out_idx_ptr": "*i64", "in_idx_ptr": "*i64"},
-                      "N H W HO WO n_live_out n_live_in sgn sgc sgh sgw sxn sxc sxh sxw swo swi swh sww "
-                      + conv,
-                      dict(KW=3, ALL_OUT=every, ALL_IN=every, ACC_DTYPE=acc, UPCAST=False, **blocks))
+                      "N H W HO WO n_live_out n_live_in n_splits split_len sgn sgc sgh sgw sxn sxc sxh sxw "
+                      "swo swi swh sww s_split " + conv,
+                      dict(KW=3, ALL_OUT=every, ALL_IN=every, ACC_DTYPE=acc, UPCAST=False,
+                           PRECISION=precision, **blocks))
         print("ok")
     """)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                            timeout=300, cwd=ROOT)
-    if result.returncode != 0 and ("No module named 'triton.backends" in result.stderr
-                                   or "ptxas" in result.stderr and "not found" in result.stderr):
-        pytest.skip(f"this triton cannot compile for CUDA here: {result.stderr.strip().splitlines()[-1]}")
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+    _compile_for_gpu(code, tmp_path)
 
 
 # ----------------------------------------------------------------------- torch.library registration
@@ -363,3 +454,40 @@ def test_torch_compile_traces_forward_and_backward():
         grads[name] = [t.grad for t in leaves]
     for a, r in zip(grads["compiled"], grads["eager"]):
         torch.testing.assert_close(a, r)
+
+
+def test_tuned_configurations_compile_and_fit_hopper_shared_memory(tmp_path):
+    """Every candidate configuration of the run-time tuner compiles for sm_90 in bfloat16 (the
+    training dtype) and float32 (TF32) and fits an H100's shared memory (227 KiB per block), so the
+    tuner has its whole menu on Hopper."""
+    code = textwrap.dedent("""
+        import triton, triton.language as tl
+        from triton.compiler import ASTSource
+        from triton.backends.compiler import GPUTarget
+        from attenuation_triton import masked_conv2d as mc
+        target = GPUTarget("cuda", 90, 32)
+        conv = {k: "i32" for k in "stride_h stride_w pad_h pad_w dil_h dil_w".split()}
+        for p in ("*bf16", "*fp32"):
+            precision = "tf32" if p == "*fp32" else "ieee"
+            fixed = dict(ALL_OUT=False, ALL_IN=False, ACC_DTYPE=tl.float32, UPCAST=False,
+                         PRECISION=precision)
+            jobs = [(mc.masked_conv2d_fwd_kernel, c,
+                     {"x_ptr": p, "w_ptr": p, "y_ptr": p, "scale_ptr": p, "bias_ptr": p,
+                      "out_idx_ptr": "*i64", "dead_idx_ptr": "*i64", "in_idx_ptr": "*i64",
+                      **{k: "i32" for k in "N H W HO WO n_live_out n_dead_out n_live_in sxn sxc sxh sxw "
+                                          "swo swi swh sww syn syc syh syw".split()}, **conv},
+                     dict(KH=3, KW=3, HAS_SCALE=True, HAS_BIAS=True, **fixed)) for c in mc.CONV_CONFIGS]
+            jobs += [(mc.masked_conv2d_dw_kernel, c,
+                      {"g_ptr": p, "x_ptr": p, "dw_ptr": "*fp32", "out_idx_ptr": "*i64", "in_idx_ptr": "*i64",
+                       **{k: "i32" for k in "N H W HO WO n_live_out n_live_in n_splits split_len sgn sgc sgh "
+                                           "sgw sxn sxc sxh sxw swo swi swh sww s_split".split()}, **conv},
+                      dict(KW=3, **fixed)) for c in mc.GRAD_WEIGHT_CONFIGS]
+            for kernel, c, signature, constants in jobs:
+                constants = {**constants, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k}
+                signature = {**signature, **{name: "constexpr" for name in constants}}
+                compiled = triton.compile(ASTSource(kernel, signature, constants), target=target,
+                                          options=dict(num_warps=c.num_warps, num_stages=c.num_stages))
+                assert compiled.metadata.shared <= 227 * 1024, (kernel.__name__, p, c, compiled.metadata.shared)
+        print("ok")
+    """)
+    _compile_for_gpu(code, tmp_path)
