@@ -1,8 +1,9 @@
-"""The Triton backend: the five ops of :mod:`attenuation.ops.reference`, same signatures.
+"""The Triton backend: the ops of :mod:`attenuation.ops.reference`, same signatures.
 
-``filter_norms``, ``select_weak``, ``attenuate_`` and ``zero_removed_`` are one kernel launch each
-over the whole model (one per distinct weight dtype for ``filter_norms``, one per distinct
-combination of parameter dtypes for the other two; a model of one dtype takes one launch). They
+``filter_norms``, ``select_weak``, ``select_weak_global``, ``attenuate_`` and ``zero_removed_`` are
+one kernel launch each over the whole model (one per distinct weight dtype for ``filter_norms``, one
+per distinct combination of parameter dtypes for ``attenuate_`` and ``zero_removed_``; a model of
+one dtype takes one launch). They
 never read a device value on the host: the tables of addresses and shapes are built from host
 metadata only, and uploaded once per distinct content (cached, see ``_device_table``).
 ``masked_conv2d`` runs the implicit-GEMM kernels of :mod:`.masked_conv2d` (forward and backward,
@@ -36,6 +37,7 @@ from . import attenuate as _attenuate
 from . import filter_norms as _filter_norms
 from . import masked_conv2d as _masked_conv2d
 from . import select_weak as _select_weak
+from . import select_weak_global as _select_weak_global
 
 INTERPRET = not isinstance(_filter_norms.filter_norms_kernel, triton.runtime.jit.JITFunction)
 """True when Triton's interpreter runs the kernels (TRITON_INTERPRET=1 when they were decorated):
@@ -198,6 +200,26 @@ def select_weak(scores: Tensor, removed: Tensor, counts: Sequence[int], ks: Tens
         with _launch_context(device):
             _select_weak.launch(layers, blocks, scores, removed_u8, ks, out, n_blocks, block_i,
                                 TUNING["select_block_j"])
+    return out.view(torch.bool)
+
+
+def select_weak_global(scores: Tensor, removed: Tensor, counts: Sequence[int], n_weak: int) -> Tensor:
+    """The reference's ``select_weak_global`` (one threshold over all layers on scores relative to
+    their layer's mean live score) in one launch; returns a flat bool mask."""
+    device = scores.device
+    _check_device(device)
+    counts = [int(c) for c in counts]
+    total = sum(counts)
+    scores = scores.float().contiguous()
+    removed_u8 = removed.contiguous().view(torch.uint8)
+    out = _empty((total,), torch.uint8, device)
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    block_i = TUNING["select_block_i"]
+    layers, blocks, n_blocks = _tables([[s, n] for s, n in zip(starts, counts)], counts, block_i, device)
+    if n_blocks:
+        with _launch_context(device):
+            _select_weak_global.launch(layers, blocks, len(counts), scores, removed_u8, min(n_weak, total), out,
+                                       n_blocks, block_i, TUNING["select_block_j"])
     return out.view(torch.bool)
 
 

@@ -1,5 +1,8 @@
 """The ops facade and its reference backend, checked against plain-Python statements of the rule."""
 
+import math
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,14 +10,77 @@ import torch.nn.functional as F
 from attenuation import ops
 
 
+def _order_key(score, removed, index):
+    """The selection order: removed first, then ascending score (NaN after every number), then index."""
+    return not removed, math.isnan(score), 0.0 if math.isnan(score) else score, index
+
+
 def _naive_select(scores, removed, counts, ks):
     out, start = [], 0
     for n, k in zip(counts, ks):
-        rows = [(not removed[start + i], scores[start + i], i) for i in range(n)]
-        chosen = {i for _, _, i in sorted(rows)[:k]}
-        out += [i in chosen for i in range(n)]
+        rows = sorted(range(start, start + n), key=lambda i: _order_key(scores[i], removed[i], i))
+        chosen = set(rows[:k])
+        out += [i in chosen for i in range(start, start + n)]
         start += n
     return out
+
+
+def _naive_normalised(scores, removed, counts):
+    """Each score over its layer's mean live score (float32 arithmetic, as the op's), -inf if removed."""
+    out, start = [], 0
+    with np.errstate(all="ignore"):
+        for n in counts:
+            live = [scores[i] for i in range(start, start + n) if not removed[i]]
+            mean = np.float32(sum(live)) / np.float32(max(len(live), 1))   # exact sums: integer scores
+            mean = np.float32(1e-12) if mean < np.float32(1e-12) else mean  # NaN stays NaN
+            out += [-math.inf if removed[i] else float(np.float32(scores[i]) / mean)
+                    for i in range(start, start + n)]
+            start += n
+    return out
+
+
+def _naive_select_global(scores, removed, counts, n_weak):
+    """The global rule as the pruner stated it: the n_weak lowest normalised scores of the model,
+    counted per layer, each count at most n - 1, then the per-layer selection."""
+    normalised = _naive_normalised(scores, removed, counts)
+    order = sorted(range(len(scores)), key=lambda i: _order_key(normalised[i], False, i))  # removed: -inf
+    chosen = set(order[:n_weak])
+    ks, start = [], 0
+    for n in counts:
+        ks.append(min(sum(i in chosen for i in range(start, start + n)), n - 1))
+        start += n
+    return _naive_select(normalised, removed, counts, ks)
+
+
+def _rank_select_global(scores, removed, counts, n_weak):
+    """The same rule by ranks, as the Triton kernel computes it: selected iff the filter's rank in
+    the model is < n_weak and its rank in its layer is < n - 1."""
+    normalised = _naive_normalised(scores, removed, counts)
+    key = [_order_key(normalised[i], removed[i], i) for i in range(len(scores))]
+    out, start = [], 0
+    for n in counts:
+        for i in range(start, start + n):
+            model_rank = sum(k < key[i] for k in key)
+            layer_rank = sum(k < key[i] for k in key[start:start + n])
+            out.append(model_rank < n_weak and layer_rank < n - 1)
+        start += n
+    return out
+
+
+def _global_problem(seed):
+    """Small integers (many ties across and within layers) on a power-of-two scale per layer (exact
+    float32 sums; only the right means make the layers comparable), some NaN, removed filters, a
+    layer with every filter removed, layers of one and of no filter."""
+    g = torch.Generator().manual_seed(seed)
+    counts = [1, 7, 13, 4, 0, 9, 5, 2]
+    total = sum(counts)
+    scales = torch.tensor([2.0 ** int(torch.randint(0, 6, (), generator=g)) for _ in counts])
+    scores = torch.randint(0, 5, (total,), generator=g).float()
+    scores *= scales.repeat_interleave(torch.tensor(counts))
+    scores[torch.rand(total, generator=g) < 0.05] = math.nan
+    removed = torch.rand(total, generator=g) < 0.25
+    removed[sum(counts[:6]):sum(counts[:7])] = True
+    return scores, removed, counts
 
 
 @pytest.mark.parametrize("ord,fn", [("l1", lambda r: r.abs().sum()), ("l2", lambda r: r.norm()),
@@ -57,6 +123,87 @@ def test_select_weak_validates():
         ops.select_weak(torch.rand(4), torch.zeros(4, dtype=torch.bool), [2, 3], [1, 1])
     with pytest.raises(ValueError, match="bool"):
         ops.select_weak(torch.rand(5), torch.zeros(5), [2, 3], [1, 1])
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_select_weak_global_matches_the_pruners_rule(seed):
+    scores, removed, counts = _global_problem(seed)
+    total = sum(counts)
+    for n_weak in (0, 1, total // 3, total // 2, total - 1, total, total + 4):
+        literal = _naive_select_global(scores.tolist(), removed.tolist(), counts, n_weak)
+        got = ops.select_weak_global(scores, removed, counts, n_weak)
+        assert got.dtype == torch.bool and got.tolist() == literal, n_weak
+        assert _rank_select_global(scores.tolist(), removed.tolist(), counts, n_weak) == literal, n_weak
+
+
+def test_select_weak_global_normalises_by_layer_and_keeps_a_filter_per_layer():
+    counts = [3, 3, 2]
+    scores = torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0, 30.0, 5.0, 5.0])
+    removed = torch.zeros(8, dtype=torch.bool)
+    # Normalised: 0.5, 1, 1.5 | 0.5, 1, 1.5 | 1, 1. Ties across layers break by flat index.
+    assert ops.select_weak_global(scores, removed, counts, 3).tolist() == [1, 1, 0, 1, 0, 0, 0, 0]
+    assert ops.select_weak_global(scores, removed, counts, 8).tolist() == [1, 1, 0, 1, 1, 0, 1, 0]
+    removed[1] = True                  # layer 0's mean is now 2: its removed filter comes first
+    assert ops.select_weak_global(scores, removed, counts, 2).tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
+
+
+def test_select_weak_global_nan_spares_its_layer():
+    counts = [3, 4]
+    scores = torch.tensor([1.0, math.nan, 0.0, 4.0, 5.0, 6.0, 7.0])
+    removed = torch.tensor([False, False, False, False, False, False, True])
+    # Layer 0's mean is NaN: its live filters normalise to NaN and come after every number.
+    assert ops.select_weak_global(scores, removed, counts, 3).tolist() == [0, 0, 0, 1, 1, 0, 1]
+    scores[6] = math.nan               # a removed filter's score does not count
+    assert ops.select_weak_global(scores, removed, counts, 3).tolist() == [0, 0, 0, 1, 1, 0, 1]
+    # Layer 1 is chosen whole and keeps its last filter; layer 0 gives its first (ties by index).
+    assert ops.select_weak_global(scores, removed, counts, 5).tolist() == [1, 0, 0, 1, 1, 0, 1]
+
+
+def test_select_weak_global_validates():
+    scores, removed = torch.rand(5), torch.zeros(5, dtype=torch.bool)
+    for bad in (-1, 1.5, True, torch.tensor(2)):
+        with pytest.raises(ValueError, match="n_weak must be an int >= 0"):
+            ops.select_weak_global(scores, removed, [2, 3], bad)
+    with pytest.raises(ValueError, match="sum\\(counts\\)"):
+        ops.select_weak_global(scores, removed, [2, 2], 1)
+    with pytest.raises(ValueError, match="counts must be >= 0"):
+        ops.select_weak_global(scores, removed, [6, -1], 1)
+    with pytest.raises(ValueError, match="bool"):
+        ops.select_weak_global(scores, removed.float(), [2, 3], 1)
+    with pytest.raises(ValueError, match="flat"):
+        ops.select_weak_global(scores.view(5, 1), removed.view(5, 1), [2, 3], 1)
+    assert ops.select_weak_global(scores, removed, [2, 3], np.int64(2)).sum() == 2
+
+
+def test_backends_without_select_weak_global_run_the_reference(monkeypatch):
+    from types import SimpleNamespace
+
+    from attenuation.ops import backends
+    monkeypatch.setitem(backends._BACKENDS, "bare", SimpleNamespace())
+    scores, removed, counts = _global_problem(0)
+    expected = ops.select_weak_global(scores, removed, counts, 11, backend="reference")
+    for name in ("bare", *backends.available_backends()):
+        assert torch.equal(ops.select_weak_global(scores, removed, counts, 11, backend=name), expected), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: checks that the op never "
+                    "makes the host wait for it")
+def test_select_weak_global_does_not_synchronise_on_cuda():
+    from attenuation.ops import backends
+    scores, removed, counts = _global_problem(0)
+    scores, removed = scores.cuda(), removed.cuda()
+    expected = ops.select_weak_global(scores.cpu(), removed.cpu(), counts, 11, backend="reference")
+    for name in ("reference", "native", "triton"):
+        if name not in backends._PREFERENCE["cuda"]:
+            continue
+        ops.select_weak_global(scores, removed, counts, 11, backend=name)   # warm-up: compilation, tables
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = ops.select_weak_global(scores, removed, counts, 11, backend=name)
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+        assert torch.equal(got.cpu(), expected), name
 
 
 def _layers():

@@ -6,19 +6,20 @@ specification) is always there.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from .backends import available_backends, get_backend, set_default_backend
+from .backends import available_backends, get_backend, get_op, set_default_backend
 from .reference import ACTIVE, REMOVED, WEAK
 
 NORMS = ("l1", "l2", "linf")
 
 __all__ = [
     "ACTIVE", "WEAK", "REMOVED", "NORMS", "available_backends", "set_default_backend",
-    "filter_norms", "select_weak", "attenuate_", "zero_removed_", "masked_conv2d",
+    "filter_norms", "select_weak", "select_weak_global", "attenuate_", "zero_removed_", "masked_conv2d",
 ]
 
 
@@ -62,20 +63,41 @@ def filter_norms(weights: Sequence[Tensor], ord: str = "l1", backend: Optional[s
     return get_backend(backend, device).filter_norms(weights, ord)
 
 
+def _check_flat_scores(scores: Tensor, removed: Tensor, counts: Sequence[int], what: str) -> list[int]:
+    """The checks shared by the selection ops; returns ``counts`` as ints."""
+    counts = [int(c) for c in counts]
+    if any(c < 0 for c in counts):
+        raise ValueError(f"{what}: counts must be >= 0, got {counts}")
+    if scores.dim() != 1 or scores.shape != removed.shape or scores.numel() != sum(counts):
+        raise ValueError(f"{what}: scores {tuple(scores.shape)} and removed "
+                         f"{tuple(removed.shape)} must be flat with sum(counts)={sum(counts)} entries")
+    if removed.dtype != torch.bool:
+        raise ValueError(f"{what}: removed must be bool, got {removed.dtype}")
+    _check_same_device([scores, removed], what)
+    return counts
+
+
 def select_weak(scores: Tensor, removed: Tensor, counts: Sequence[int], ks,
                 backend: Optional[str] = None) -> Tensor:
     """Per layer, the ``ks[l]`` lowest-score filters (removed ones first, ties by index): a flat
     bool mask. ``counts[l]`` is layer l's number of filters; ``ks`` a list or int64 tensor."""
-    counts = [int(c) for c in counts]
-    if scores.dim() != 1 or scores.shape != removed.shape or scores.numel() != sum(counts):
-        raise ValueError(f"select_weak: scores {tuple(scores.shape)} and removed "
-                         f"{tuple(removed.shape)} must be flat with sum(counts)={sum(counts)} entries")
-    if removed.dtype != torch.bool:
-        raise ValueError(f"select_weak: removed must be bool, got {removed.dtype}")
+    counts = _check_flat_scores(scores, removed, counts, "select_weak")
     ks = torch.as_tensor(ks, dtype=torch.int64, device=scores.device)
     if ks.shape != (len(counts),):
         raise ValueError(f"select_weak: {ks.numel()} ks for {len(counts)} layers")
     return get_backend(backend, scores.device).select_weak(scores.float(), removed, counts, ks)
+
+
+def select_weak_global(scores: Tensor, removed: Tensor, counts: Sequence[int], n_weak: int,
+                       backend: Optional[str] = None) -> Tensor:
+    """Over all layers at once, the ``n_weak`` lowest filters by score divided by their layer's
+    mean live score (removed ones first, ties by flat index), every layer keeping at least one
+    filter: a flat bool mask (the rule: :func:`attenuation.ops.reference.select_weak_global`).
+    ``n_weak`` is a host int, so the op needs no host read."""
+    counts = _check_flat_scores(scores, removed, counts, "select_weak_global")
+    if isinstance(n_weak, bool) or not isinstance(n_weak, numbers.Integral) or n_weak < 0:
+        raise ValueError(f"select_weak_global: n_weak must be an int >= 0, got {n_weak!r}")
+    return get_op(backend, scores.device, "select_weak_global")(scores.float(), removed, counts, int(n_weak))
 
 
 def attenuate_(weights, biases, gammas, betas, weak: Tensor, status: Tensor, multiplier: Tensor,

@@ -1,4 +1,5 @@
-"""Backend registry: a backend is a module-like object with the five op functions.
+"""Backend registry: a backend is a module-like object with the five op functions (and optionally
+further ops, such as ``select_weak_global``: where it lacks one, :func:`get_op` gives the reference's).
 
 ``reference`` is always registered. Faster backends (``triton``, ``native``) register themselves when
 their package imports; the default per device type is the fastest one registered for it, unless
@@ -61,6 +62,12 @@ def get_backend(name: Optional[str], device: torch.device):
     except KeyError:
         raise ValueError(f"backend {name!r} is not available: available are "
                          f"{', '.join(available_backends())}") from None
+
+
+def get_op(name: Optional[str], device: torch.device, op: str):
+    """The backend's implementation of ``op``, or the reference's when the backend has none: an op
+    a backend does not implement yet runs as its specification (pure PyTorch, any device)."""
+    return getattr(get_backend(name, device), op, None) or getattr(reference, op)
 
 
 _warned_fallbacks: set[tuple[str, str]] = set()

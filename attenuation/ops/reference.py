@@ -6,6 +6,8 @@ None of these functions reads a device value on the host, so they never synchron
 """
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -31,20 +33,62 @@ def filter_norms(weights: Sequence[Tensor], ord: str) -> Tensor:
     return torch.cat(norms)
 
 
+def _selection_order(scores: Tensor, removed: Tensor) -> Tensor:
+    """Indices in selection order: removed filters first, then ascending score (NaN after every
+    number, as torch.sort puts it), ties broken by lower index."""
+    order = torch.sort(scores, stable=True).indices                                # by score, then index
+    return order[torch.sort((~removed[order]).to(torch.uint8), stable=True).indices]  # removed first
+
+
 def select_weak(scores: Tensor, removed: Tensor, counts: Sequence[int], ks: Tensor) -> Tensor:
     """Per layer, mark the ``ks[l]`` lowest-scoring filters: removed filters first, then by score,
     ties broken by lower index. Returns a flat bool mask."""
     weak = torch.empty_like(removed)
     start = 0
     for layer, n in enumerate(counts):
-        s, r = scores[start:start + n], removed[start:start + n]
-        order = torch.sort(s, stable=True).indices                    # by score, then index
-        order = order[torch.sort((~r[order]).to(torch.uint8), stable=True).indices]  # removed first
+        order = _selection_order(scores[start:start + n], removed[start:start + n])
         rank = torch.empty_like(order)
         rank[order] = torch.arange(n, device=order.device)
         weak[start:start + n] = rank < ks[layer]
         start += n
     return weak
+
+
+# A layer's mean live score is clamped here before dividing by it (an all-zero layer would divide by 0).
+MIN_LAYER_MEAN = 1e-12
+
+
+def select_weak_global(scores: Tensor, removed: Tensor, counts: Sequence[int], n_weak: int) -> Tensor:
+    """One threshold over all layers: the ``n_weak`` lowest filters of the model by score relative
+    to their layer, every layer keeping at least one filter. Returns a flat bool mask.
+
+    1. Each filter's score is divided by its layer's mean live score (removed filters do not
+       count; the mean is clamped at MIN_LAYER_MEAN); removed filters get -inf.
+    2. The model's filters are ordered as ``select_weak`` orders a layer's (removed first, then
+       normalised score, NaN last, ties by flat index) and the first ``n_weak`` are chosen. (The
+       removed filters' -inf alone would put them first too, unless a live filter's normalised
+       score is -inf; ordering them explicitly makes the order of a layer's filters within the
+       model's order the layer's own order, which a backend may exploit.)
+    3. Layer l's count of chosen filters, at most ``counts[l] - 1``, is its k for ``select_weak``
+       on the normalised scores.
+
+    A NaN score of a live filter makes its layer's mean NaN: all the layer's live filters then
+    normalise to NaN and come after every number (a layer with an untrustworthy score is pruned
+    last). The means are float32 sums: another backend summing in another order agrees bitwise
+    when the sums are exact, and otherwise may order differently only filters of different layers
+    whose normalised scores lie within a rounding of each other.
+    """
+    normalised = torch.empty_like(scores)
+    bounds = list(itertools.accumulate(counts, initial=0))
+    for start, end in zip(bounds, bounds[1:]):
+        s, r = scores[start:end], removed[start:end]
+        live_mean = torch.where(r, 0.0, s).sum() / (~r).sum().clamp_min(1)
+        normalised[start:end] = torch.where(r, -math.inf, s / live_mean.clamp_min(MIN_LAYER_MEAN))
+    chosen = torch.zeros_like(removed).index_fill_(0, _selection_order(normalised, removed)[:n_weak], True)
+    ks = torch.empty(len(counts), dtype=torch.int64, device=scores.device)   # no upload: no stream sync
+    for layer, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        ks[layer] = chosen[start:end].sum().clamp_max(end - start - 1)
+    return select_weak(normalised, removed, counts, ks)
 
 
 def _scale_filters_(tensors: Sequence[Optional[Tensor]], scale: Tensor) -> None:
