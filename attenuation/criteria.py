@@ -10,6 +10,7 @@ from torch import Tensor
 
 from . import ops
 from .layers import PrunableLayer
+from .transfer import to_device
 
 
 @dataclass
@@ -104,4 +105,4 @@ def first_order_taylor(ctx: CriterionContext) -> Tensor:
 @register_criterion("random")
 def random_scores(ctx: CriterionContext) -> Tensor:
     """A control: uniformly random importance."""
-    return torch.rand(ctx.removed.numel(), generator=ctx.generator).to(ctx.removed.device)
+    return to_device(torch.rand(ctx.removed.numel(), generator=ctx.generator), ctx.removed.device)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
+from .transfer import to_device
 
 
 class AttenuatedConv2d(nn.Conv2d):
@@ -46,25 +47,34 @@ class AttenuatedConv2d(nn.Conv2d):
     def set_live(self, live_out: Optional[Tensor] = None, live_in: Optional[Tensor] = None) -> None:
         """Set which output / input channels are live (None = all) and cache their index lists.
 
-        Reads the masks on the host once: call it when the masks change, not every step."""
-        out_mask = torch.ones_like(self.live_out) if live_out is None else live_out.to(torch.bool)
+        The masks are read on the host: pass CPU masks and nothing is read from the device (on
+        CUDA the masks and index lists are then copied to it without waiting). Call it when the
+        masks change, not every step."""
+        out_mask = (torch.ones(self.out_channels, dtype=torch.bool) if live_out is None
+                    else live_out.to("cpu", torch.bool))
         if out_mask.shape != (self.out_channels,):
             raise ValueError(f"live_out must have shape ({self.out_channels},), got {tuple(out_mask.shape)}")
-        if live_in is not None and live_in.shape != (self.in_channels,):
-            raise ValueError(f"live_in must have shape ({self.in_channels},), got {tuple(live_in.shape)}")
-        self.live_out = out_mask.to(self.live_out.device).clone()
-        self.live_in = None if live_in is None else live_in.to(self.live_out.device, torch.bool).clone()
-        self._refresh_indices()
+        in_mask = None if live_in is None else live_in.to("cpu", torch.bool)
+        if in_mask is not None and in_mask.shape != (self.in_channels,):
+            raise ValueError(f"live_in must have shape ({self.in_channels},), got {tuple(in_mask.shape)}")
+        device = self.live_out.device
+        self.live_out = to_device(out_mask, device)
+        self.live_in = None if in_mask is None else to_device(in_mask, device)
+        self._refresh_indices(out_mask, in_mask)
 
-    def _refresh_indices(self) -> None:
+    def _refresh_indices(self, out_mask: Optional[Tensor] = None, in_mask: Optional[Tensor] = None) -> None:
+        """Cache the index lists, computed on the host from the masks' host copies (read from
+        the buffers when not given)."""
         if self.live_out.is_meta:
             self._out_index = self._in_index = None
             return
-        masks = [self.live_out] + ([self.live_in] if self.live_in is not None else [])
-        flags = torch.stack([m.all() for m in masks]).tolist()  # one host read for both masks
-        self._out_index = None if flags[0] else self.live_out.nonzero().flatten()
-        self._in_index = (None if self.live_in is None or flags[-1]
-                          else self.live_in.nonzero().flatten())
+        if out_mask is None:
+            out_mask = self.live_out.cpu()
+            in_mask = None if self.live_in is None else self.live_in.cpu()
+        device = self.live_out.device
+        self._out_index = None if out_mask.all() else to_device(out_mask.nonzero().flatten(), device)
+        self._in_index = (None if in_mask is None or in_mask.all()
+                          else to_device(in_mask.nonzero().flatten(), device))
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)

@@ -16,6 +16,7 @@ from .criteria import CriterionContext, get_criterion, scales_with_filter
 from .layers import PrunableLayer, find_prunable_layers
 from .modules import convert_model
 from .schedule import check_ramp, ramp_ratio, weak_count
+from .transfer import HostCopy, to_device
 
 SCOPES = ("layer", "global")
 
@@ -66,6 +67,9 @@ class Pruner:
     Usage: ``pruner.start(total_steps)`` at the start of the pruning phase, ``pruner.step()`` after
     every optimizer step (also during recovery: it keeps removed filters at zero), and
     ``pruner.finish()`` at the end of the phase, which removes the filters still weak.
+
+    ``step()`` reads nothing from the device: the live masks (and ``n_removed``) of an attenuation
+    step reach the convs at the next ``step()``, see :meth:`sync_live`.
     """
 
     def __init__(self, model: nn.Module, config: Optional[PruningConfig] = None, *,
@@ -97,12 +101,14 @@ class Pruner:
         self.phase = "idle"          # idle -> pruning -> finished
         self.history: list[Tensor] = []       # status after each attenuation step
         self.history_steps: list[int] = []
-        self.n_removed = 0           # host copy, refreshed whenever removals may have happened
+        self.n_removed = 0           # host count, as of the live masks the convs were last given
+        # Whether removed filters may exist: set by every attenuation step, made exact by sync_live.
+        # While it is False, step() skips zero_removed_ and the gradient masks pass gradients on.
+        self._removals_possible = False
+        self._pending_status: Optional[HostCopy] = None  # status copy of the last _apply, on its way
         # Per layer, the removed counts (its own, its input source's) its live masks were set for:
         # removal is permanent, so equal counts mean equal masks and the layer is left alone.
         self._live_set_for: list = [None] * len(self.layers)
-        self._layer_of = torch.repeat_interleave(
-            torch.arange(len(self.counts), device=device), torch.tensor(self.counts, device=device))
         self._hooks = self._register_gradient_masks() if self.config.mask_gradients else []
 
     # ------------------------------------------------------------------ the phase
@@ -126,8 +132,10 @@ class Pruner:
         return self.total_steps // self.interval if self.total_steps else 0
 
     def step(self) -> None:
-        """Call after every optimizer step: re-zeroes removed filters and attenuates when due."""
-        if self.n_removed:
+        """Call after every optimizer step: applies the live masks of the last attenuation step,
+        re-zeroes removed filters and attenuates when due."""
+        self.sync_live()
+        if self._removals_possible:
             ops.zero_removed_(*self._filter_tensors(), self.status, backend=self.backend)
         if self.phase != "pruning":
             return
@@ -150,16 +158,19 @@ class Pruner:
             scores = torch.where(attenuated, scores / self.multiplier.clamp_min(1e-30), scores)
         ratio = self.ratio_now()
         if self.config.scope == "global":
-            scores, ks = self._global_weak_counts(scores, removed, ratio)
+            weak = ops.select_weak_global(scores, removed, self.counts, weak_count(ratio, scores.numel()),
+                                          backend=self.backend)
         else:
-            ks = [weak_count(ratio, n) for n in self.counts]
-        weak = ops.select_weak(scores, removed, self.counts, ks, backend=self.backend)
+            # uploaded as a tensor: select_weak would upload a list with a stream synchronisation
+            ks = to_device(torch.tensor([weak_count(ratio, n) for n in self.counts]), scores.device)
+            weak = ops.select_weak(scores, removed, self.counts, ks, backend=self.backend)
         self._apply(weak, self.config.factor, self.config.eps)
 
     @torch.no_grad()
     def finish(self) -> None:
         """End of the pruning phase: every still-weak filter is removed (DESIGN.md step 5)."""
         self._apply(self.status == ops.WEAK, 0.0, math.inf, count_weak_step=False)
+        self.sync_live()
         self.phase = "finished"
 
     def _apply(self, weak: Tensor, factor: float, eps: float, count_weak_step: bool = True) -> None:
@@ -179,23 +190,8 @@ class Pruner:
         self.removed_at = torch.where(newly_removed, self.steps_done, self.removed_at)
         self.history.append(self.status.clone())
         self.history_steps.append(self.steps_done)
-        self._refresh_live()
-
-    def _global_weak_counts(self, scores: Tensor, removed: Tensor, ratio: float) -> tuple[Tensor, Tensor]:
-        """One threshold over all layers on scores normalised by each layer's mean live score;
-        every layer keeps at least one filter."""
-        counts = torch.tensor(self.counts, device=scores.device)
-        live = (~removed).float()
-        live_sum = torch.zeros(len(self.counts), device=scores.device).index_add_(0, self._layer_of, scores * live)
-        live_n = torch.zeros(len(self.counts), device=scores.device).index_add_(0, self._layer_of, live)
-        mean = (live_sum / live_n.clamp_min(1)).clamp_min(1e-12)
-        normalised = torch.where(removed, -math.inf, scores / mean[self._layer_of])
-        n_weak = weak_count(ratio, scores.numel())
-        chosen = torch.zeros_like(removed)
-        chosen[torch.sort(normalised, stable=True).indices[:n_weak]] = True
-        ks = torch.zeros(len(self.counts), dtype=torch.int64, device=scores.device)
-        ks.index_add_(0, self._layer_of, chosen.long())
-        return normalised, torch.minimum(ks, counts - 1)
+        self._removals_possible = True
+        self._pending_status = HostCopy(self.status)
 
     # ------------------------------------------------------------------ wiring to the model
     def _filter_tensors(self):
@@ -205,21 +201,28 @@ class Pruner:
         betas = [layer.bn.bias if layer.bn is not None else None for layer in self.layers]
         return weights, biases, gammas, betas
 
-    def _refresh_live(self) -> None:
-        """Push the live masks into the convs (one host read for the whole model)."""
-        removed_per_layer = torch.zeros(len(self.counts), dtype=torch.int64, device=self.status.device)
-        removed_per_layer.index_add_(0, self._layer_of, (self.status == ops.REMOVED).long())
-        removed_per_layer = removed_per_layer.tolist()
+    def sync_live(self) -> None:
+        """Give the convs the live masks of the last attenuation step and update ``n_removed``.
+
+        ``step()`` calls it first, ``finish()`` and ``state_dict()`` too; call it before reading
+        ``n_removed`` or the convs' masks elsewhere. It reads the status copy started by that
+        attenuation step (on CUDA it waits for it, normally done by then). Until then the convs still
+        compute the newly removed channels, which gives the same result (up to the rounding of a
+        dense against a compact convolution): removed filters are zero (weight, bias, BN gamma and
+        beta: DESIGN.md's invariant), so their channels are zero either way."""
+        if self._pending_status is None:
+            return
+        removed = (self._pending_status.wait() == ops.REMOVED).split(self.counts)
+        self._pending_status = None
+        removed_per_layer = [int(r.sum()) for r in removed]
         self.n_removed = sum(removed_per_layer)
-        live = None
+        self._removals_possible = self.n_removed > 0
         for i, layer in enumerate(self.layers):
             source = layer.source
             counts = (removed_per_layer[i], removed_per_layer[source] if source is not None else 0)
             if self._live_set_for[i] == counts:
                 continue
-            live = self.keep_masks() if live is None else live
-            source_live = live[source] if source is not None and counts[1] else None
-            layer.conv.set_live(live[i] if counts[0] else None, source_live)
+            layer.conv.set_live(~removed[i] if counts[0] else None, ~removed[source] if counts[1] else None)
             self._live_set_for[i] = counts
 
     def _register_gradient_masks(self):
@@ -234,7 +237,7 @@ class Pruner:
 
     def _gradient_mask(self, start: int, end: int):
         def mask(grad: Tensor) -> Tensor:
-            if not self.n_removed:
+            if not self._removals_possible:
                 return grad
             keep = (self.status[start:end] != ops.REMOVED).to(grad.dtype)
             return grad * keep.view(-1, *([1] * (grad.dim() - 1)))
@@ -253,6 +256,7 @@ class Pruner:
         return [keep[self.offsets[i]:self.offsets[i + 1]] for i in range(len(self.counts))]
 
     def live_fraction(self) -> float:
+        """Live filters over all filters, as of the convs' live masks (see :meth:`sync_live`)."""
         return 1.0 - self.n_removed / self.offsets[-1]
 
     def total_returns(self) -> int:
@@ -277,6 +281,9 @@ class Pruner:
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
+        """The pruner's state; applies any pending live masks first, so that a run resumed from
+        it and the uninterrupted run give the convs the same masks."""
+        self.sync_live()
         return {
             "config": dataclasses.asdict(self.config),
             "layer_names": [layer.name for layer in self.layers],
@@ -310,4 +317,5 @@ class Pruner:
         self.history = [] if history is None else [row.to(device) for row in history]
         self.history_steps = list(state["history_steps"])
         self._live_set_for = [None] * len(self.layers)  # a loaded status may differ in any way
-        self._refresh_live()
+        self._pending_status = HostCopy(self.status)  # replaces any pending copy
+        self.sync_live()

@@ -163,6 +163,8 @@ class Run:
             after_step=pruner.step if pruner is not None else None,
             progress=f"{phase} {epoch + 1}/{n_epochs}" if self.progress else None,
             live_fraction=self._live_fraction)
+        if pruner is not None:
+            pruner.sync_live()  # the epoch's last attenuation step, for the masks and counts below
         test_loss, test_acc = evaluate(self.model, self.test_loader)
         self.state["epoch_in_phase"] += 1
         self.state["global_epoch"] += 1

@@ -136,8 +136,7 @@ class _Job:
         times = {
             "attenuation": {
                 "setup_ms": self._one_shot(self.fresh, lambda m: hard_pruner(m, self.ratio)),
-                "prune_ms": self._one_shot(lambda: hard_pruner(self.fresh(), self.ratio),
-                                           lambda pruner: pruner.attenuation_step()),
+                "prune_ms": self._one_shot(lambda: hard_pruner(self.fresh(), self.ratio), _prune),
                 "remove_ms": self._one_shot(self.ours_zeroed, lambda m: remove_filters(m, self.keep))},
             TORCH_PRUNE: {
                 "setup_ms": None,
@@ -154,6 +153,12 @@ class _Job:
 
     def _one_shot(self, setup, fn) -> float:
         return one_shot(setup, fn, self.device, ONE_SHOT_REPEATS)["median_ms"]
+
+
+def _prune(pruner: Pruner) -> None:
+    """Choose and mask: one attenuation step and the live masks it gives the convs."""
+    pruner.attenuation_step()
+    pruner.sync_live()
 
 
 def _size(model: nn.Module) -> dict:

@@ -171,6 +171,7 @@ def test_pruner_attenuation_step(benchmark, device, impl):
 
     def step():
         pruner.attenuation_step()
+        pruner.sync_live()  # the live masks, which a training run gives the convs at the next step
         _sync(device)
 
     benchmark.extra_info.update(backend=impl, device=str(device))

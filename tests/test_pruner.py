@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from attenuation import ops
 from attenuation.criteria import available_criteria, register_criterion
 from attenuation.methods import METHODS, method_config
 from attenuation.pruner import Pruner, PruningConfig
@@ -35,6 +36,14 @@ def _train(model, pruner, steps, seed=0, lr=0.05):
 
 def _status(pruner):
     return [pruner.status[pruner.offsets[i]:pruner.offsets[i + 1]].tolist() for i in range(len(pruner.counts))]
+
+
+def _live_out(pruner):
+    return [layer.conv.live_out.tolist() for layer in pruner.layers]
+
+
+def _keep(pruner):
+    return [mask.tolist() for mask in pruner.keep_masks()]
 
 
 @pytest.mark.parametrize("criterion", ["l1", "l2", "fpgm", "bn", "taylor", "random"])
@@ -96,7 +105,10 @@ def test_attenuation_scales_filters_and_removes_below_eps():
     assert _status(pruner)[0].count(2) == 2
     assert model[1].weight.detach()[weak].abs().sum() == 0
     assert pruner.removed_at[:8][weak].tolist() == [4, 4]
+    assert model[0].live_out.all() and pruner.n_removed == 0  # the convs follow at the next step
+    pruner.step()
     assert model[0].live_out.sum() == 6 and model[4].live_in.sum() == 6  # chained input mask
+    assert pruner.n_removed == 6
 
 
 def test_weak_filter_returns_when_it_grows():
@@ -134,7 +146,7 @@ def test_hard_removes_at_once_and_sfp_only_at_the_end():
     sfp.start(6, steps_per_epoch=2)
     _train(hard_model, hard, 1)
     _train(sfp_model, sfp, 2)
-    assert hard.n_removed == 12 and sfp.n_removed == 0
+    assert (hard.status == 2).sum() == 12 and (sfp.status == 2).sum() == 0
     assert _status(sfp)[0].count(1) == 4  # weak and zeroed, not removed
     weak = sfp.status[:8] == 1
     assert sfp_model[0].weight.detach()[weak].abs().sum() == 0
@@ -155,6 +167,133 @@ def test_gradients_of_removed_filters_are_masked():
     assert model[5].bias.grad[removed].abs().sum() == 0 and model[5].bias.grad[~removed].abs().sum() > 0
 
 
+def test_live_masks_follow_an_attenuation_step_at_the_next_step():
+    """An attenuation step only starts copying the status to the host; the convs get its live
+    masks at the start of the next step(), or at once from sync_live, state_dict and finish."""
+    model = _net()
+    pruner = Pruner(model, method_config("iterative", ratio=0.75, interval=1))
+    pruner.start(8)
+    pruner.step()
+    first = pruner.status.clone()
+    assert (first == 2).any() and pruner.n_removed == 0
+    assert all(all(mask) for mask in _live_out(pruner)) and model[4].live_in is None
+    pruner.step()  # gives the convs the first step's masks, then attenuates again
+    assert _live_out(pruner) == [(first[:8] != 2).tolist(), (first[8:] != 2).tolist()]
+    assert model[4].live_in.tolist() == (first[:8] != 2).tolist()  # chained input mask
+    assert pruner.n_removed == int((first == 2).sum()) < int((pruner.status == 2).sum())
+    pruner.sync_live()
+    assert _live_out(pruner) == _keep(pruner) and pruner.n_removed == int((pruner.status == 2).sum())
+    pruner.step()
+    pruner.state_dict()
+    assert _live_out(pruner) == _keep(pruner)
+    pruner.step()
+    pruner.finish()
+    removed = int((pruner.status == 2).sum())
+    assert _live_out(pruner) == _keep(pruner) and pruner.live_fraction() == 1 - removed / 24
+
+
+def _filter_parameters(pruner):
+    """Per pruned layer, its filters' parameters: conv weight and bias, BN gamma and beta."""
+    out = []
+    for layer in pruner.layers:
+        bn = (layer.bn.weight, layer.bn.bias) if layer.bn is not None else ()
+        out.append([p for p in (layer.conv.weight, layer.conv.bias, *bn) if p is not None])
+    return out
+
+
+def test_removed_filters_stay_zero_while_the_convs_catch_up():
+    """In the optimizer step after an attenuation step the convs still compute the newly removed
+    channels: the gradient masks (they read the device status) and zero_removed_ keep them zero,
+    under momentum and weight decay. The second conv has no BatchNorm, so its removed filters do
+    get gradients unless they are masked."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 6, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(6, 4))
+    pruner = Pruner(model, method_config("iterative", ratio=0.75, interval=2))
+    pruner.start(12)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-3)
+    g = torch.Generator().manual_seed(0)
+    behind = 0
+    for _ in range(14):
+        removed = (pruner.status == 2).split(pruner.counts)
+        behind += _live_out(pruner) != _keep(pruner)
+        x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        for parameters, rows in zip(_filter_parameters(pruner), removed):
+            assert all(p.grad[rows].abs().sum() == 0 for p in parameters)
+        opt.step()
+        pruner.step()
+        for parameters, rows in zip(_filter_parameters(pruner), removed):
+            assert all(p.detach()[rows].abs().sum() == 0 for p in parameters)
+    assert behind >= 3 and all(r.any() for r in (pruner.status == 2).split(pruner.counts))
+
+
+def test_nothing_runs_before_the_first_attenuation_step(monkeypatch):
+    """Unpruned training pays for neither zero_removed_ nor the gradient masks; once a step has
+    found no removals (the "none" method), they stop again."""
+    calls = []
+    zero_removed = ops.zero_removed_
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        zero_removed(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "zero_removed_", counted)
+    grad = torch.ones(8, 3, 3, 3)
+    for method, ratio, runs in (("hard", 0.5, True), ("none", 0.0, False)):
+        calls.clear()
+        pruner = Pruner(_net(), method_config(method, ratio=ratio, interval=3))
+        pruner.start(6)
+        pruner.step()
+        pruner.step()
+        assert not calls and pruner._gradient_mask(0, 8)(grad) is grad
+        pruner.step()  # the attenuation step: from here on removals may exist
+        assert pruner._gradient_mask(0, 8)(grad) is not grad
+        pruner.step()
+        assert bool(calls) == runs and (pruner._gradient_mask(0, 8)(grad) is not grad) == runs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA device: checks that Pruner.step() never makes the host wait for it")
+@pytest.mark.parametrize("backend,scope", [("reference", "layer"), ("native", "layer"),
+                                           ("reference", "global"), ("triton", "global"), ("triton", "layer")])
+def test_step_does_not_synchronise_on_cuda(backend, scope):
+    if backend not in ops.available_backends():
+        pytest.skip(f"no {backend} backend in this environment")
+    if backend == "native":
+        native = pytest.importorskip("attenuation.ops.native")
+        if not native.has_kernel("cuda"):
+            pytest.skip("the native extension was built without CUDA kernels")
+    torch.manual_seed(0)
+    model = _net(width=16).cuda()
+    pruner = Pruner(model, method_config("iterative", ratio=0.75, interval=1, scope=scope), backend=backend)
+    pruner.start(12)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    x, y = torch.randn(8, 3, 8, 8, device="cuda"), torch.randint(0, 4, (8,), device="cuda")
+
+    def train_step():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    for _ in range(3):  # warm-up: allocators, cuDNN, pinned host memory, the first live masks
+        train_step()
+        pruner.step()
+    removed_after_warm_up = pruner.n_removed
+    previous = torch.cuda.get_sync_debug_mode()
+    for _ in range(9):
+        train_step()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            pruner.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    pruner.sync_live()
+    assert pruner.n_removed > removed_after_warm_up and _live_out(pruner) == _keep(pruner)
+
+
 def test_global_scope_ranks_across_layers_and_keeps_one_filter():
     model = _net()
     pruner = Pruner(model, method_config("hard", ratio=0.6, scope="global", interval=1))
@@ -165,16 +304,18 @@ def test_global_scope_ranks_across_layers_and_keeps_one_filter():
     assert sum(counts) >= math.floor(0.6 * 24) - 1
 
 
-def test_state_dict_round_trip_continues_identically():
+@pytest.mark.parametrize("factor", [0.7, 0.0])  # 0.0: filters removed before and after the cut
+def test_state_dict_round_trip_continues_identically(factor):
     torch.manual_seed(0)
     model = _net()
-    config = method_config("attenuation", ratio=0.5, interval=1, criterion="random")
+    config = method_config("attenuation", ratio=0.5, interval=1, criterion="random", factor=factor)
     pruner = Pruner(model, config, seed=3)
     pruner.start(20)
     opt = _train(model, pruner, 8)
     clone_model = copy.deepcopy(model)
     clone = Pruner(clone_model, config, seed=99)
     clone.load_state_dict(copy.deepcopy(pruner.state_dict()))
+    assert _live_out(clone) == _live_out(pruner) == _keep(pruner)  # state_dict applied the last step's masks
     clone_opt = torch.optim.SGD(clone_model.parameters(), lr=0.05, momentum=0.9)
     clone_opt.load_state_dict(opt.state_dict())
     for m, p in ((model, pruner), (clone_model, clone)):
