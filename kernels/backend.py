@@ -82,31 +82,44 @@ def _launch_context(device: torch.device):
     return contextlib.nullcontext()
 
 
+_CACHE_SIZE = 64
 _TABLE_CACHE: "OrderedDict[tuple, Tensor]" = OrderedDict()
-_TABLE_CACHE_SIZE = 64
+_PLAN_CACHE: "OrderedDict[tuple, list]" = OrderedDict()
+
+
+def _cached(cache: OrderedDict, key: tuple, build):
+    """``cache[key]``, built by ``build()`` on a miss (least recently used entries are dropped)."""
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = build()
+        while len(cache) > _CACHE_SIZE:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return value
+
+
+def _layout(tensors: Sequence[Optional[Tensor]]) -> tuple:
+    """Everything a launch plan reads of ``tensors``: address, dtype, shape, strides (None: absent).
+
+    A plan (the dtype groups and device tables of a launch) is a pure function of this, so a plan
+    cached under it is always right, even for a tensor freed and another allocated at its address;
+    computing it costs a small part of building the plan (the host side of a step over VGG-16)."""
+    return tuple(None if t is None else (t.data_ptr(), t.dtype, t.shape, t.stride()) for t in tensors)
 
 
 def _device_table(values: list[int], device: torch.device) -> Tensor:
     """``values`` as an int64 tensor on ``device``, uploaded once per distinct content.
 
     The table is a pure function of its values (addresses included), so a cached copy is always
-    right, even if a tensor was freed and another allocated at the same address. On CUDA the upload
-    goes through pinned memory, asynchronously (no synchronisation).
+    right. On CUDA the upload goes through pinned memory, asynchronously (no synchronisation).
     """
-    key = (device, tuple(values))
-    table = _TABLE_CACHE.get(key)
-    if table is not None:
-        _TABLE_CACHE.move_to_end(key)
-        return table
-    host = torch.tensor(values, dtype=torch.int64)
-    if device.type == "cuda":
-        table = host.pin_memory().to(device, non_blocking=True)
-    else:
-        table = host.to(device)
-    _TABLE_CACHE[key] = table
-    while len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
-        _TABLE_CACHE.popitem(last=False)
-    return table
+    def upload() -> Tensor:
+        host = torch.tensor(values, dtype=torch.int64)
+        if device.type == "cuda":
+            return host.pin_memory().to(device, non_blocking=True)
+        return host.to(device)
+    return _cached(_TABLE_CACHE, (device, tuple(values)), upload)
 
 
 def _tables(layer_rows: list[list[int]], counts: Sequence[int], block: int, device: torch.device):
@@ -154,31 +167,43 @@ def filter_norms(weights: Sequence[Tensor], ord: str) -> Tensor:
     weights = [w.detach() for w in weights]
     device = weights[0].device
     _check_device(device)
-    total = sum(w.shape[0] for w in weights)
-    out = _empty((total,), torch.float32, device)
+    out = _empty((sum(w.shape[0] for w in weights),), torch.float32, device)
+    key = ("norms", device, TUNING["norms_tile"], TUNING["norms_max_block_k"], _layout(weights))
+    plan = _PLAN_CACHE.get(key)
+    if plan is None:
+        plan, copies = _norms_plan(weights, device)    # copies: read by the kernel, alive until it is enqueued
+        if not copies:
+            _cached(_PLAN_CACHE, key, lambda: plan)
+    with _launch_context(device):
+        for dtype, layers, blocks, n_blocks, block_f, block_k in plan:
+            _filter_norms.launch(layers, blocks, out, n_blocks, _TL_DTYPES[dtype], ord, block_f, block_k)
+    return out
+
+
+def _norms_plan(weights: list[Tensor], device: torch.device) -> tuple[list, list[Tensor]]:
+    """One launch per weight dtype: (dtype, tables, blocks, block sizes); and the copies made of
+    weights the kernel cannot read where they lie (a plan holding their addresses is not reusable)."""
     groups: dict = {}
-    keep_alive = []                     # copies read by the kernel, alive until it is enqueued
+    copies = []
     offset = 0
-    for w in weights:
-        n = w.shape[0]
+    for original in weights:
+        n = original.shape[0]
         if n:
-            if w.dtype not in _TL_DTYPES:
-                w = w.float()           # the reference's own conversion
+            w = original if original.dtype in _TL_DTYPES else original.float()  # the reference's conversion
             if not _rows_dense(w):
                 w = w.contiguous()
-            keep_alive.append(w)
+            if w is not original:
+                copies.append(w)
             groups.setdefault(w.dtype, []).append((offset, w))
         offset += n
-    with _launch_context(device):
-        for dtype, items in groups.items():
-            max_k = max(_row_len(w) for _, w in items)
-            block_k = max(1, min(TUNING["norms_max_block_k"], _next_pow2(max_k)))
-            block_f = max(1, TUNING["norms_tile"] // block_k)
-            rows = [[off, w.shape[0], _row_len(w), w.data_ptr(), w.stride(0)] for off, w in items]
-            layers, blocks, n_blocks = _tables(rows, [w.shape[0] for _, w in items], block_f, device)
-            _filter_norms.launch(layers, blocks, out, n_blocks, _TL_DTYPES[dtype], ord, block_f, block_k)
-    del keep_alive
-    return out
+    plan = []
+    for dtype, items in groups.items():
+        max_k = max(_row_len(w) for _, w in items)
+        block_k = max(1, min(TUNING["norms_max_block_k"], _next_pow2(max_k)))
+        block_f = max(1, TUNING["norms_tile"] // block_k)
+        rows = [[off, w.shape[0], _row_len(w), w.data_ptr(), w.stride(0)] for off, w in items]
+        plan.append((dtype, *_tables(rows, [w.shape[0] for _, w in items], block_f, device), block_f, block_k))
+    return plan, copies
 
 
 # ----------------------------------------------------------------------------------------- select
@@ -193,14 +218,23 @@ def select_weak(scores: Tensor, removed: Tensor, counts: Sequence[int], ks: Tens
     removed_u8 = removed.contiguous().view(torch.uint8)
     ks = ks.to(device=device, dtype=torch.int64).contiguous()
     out = _empty((sum(counts),), torch.uint8, device)
-    starts = [sum(counts[:i]) for i in range(len(counts))]
-    block_i = TUNING["select_block_i"]
-    layers, blocks, n_blocks = _tables([[s, n] for s, n in zip(starts, counts)], counts, block_i, device)
+    layers, blocks, n_blocks = _select_tables(counts, device)
     if n_blocks:
         with _launch_context(device):
-            _select_weak.launch(layers, blocks, scores, removed_u8, ks, out, n_blocks, block_i,
+            _select_weak.launch(layers, blocks, scores, removed_u8, ks, out, n_blocks, TUNING["select_block_i"],
                                 TUNING["select_block_j"])
     return out.view(torch.bool)
+
+
+def _select_tables(counts: list[int], device: torch.device):
+    """(layer table: flat offset and filter count per layer, block table, number of blocks) of the
+    selection kernels, one program per ``select_block_i`` filters."""
+    block_i = TUNING["select_block_i"]
+
+    def build():
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        return _tables([[s, n] for s, n in zip(starts, counts)], counts, block_i, device)
+    return _cached(_PLAN_CACHE, ("select", device, block_i, tuple(counts)), build)
 
 
 def select_weak_global(scores: Tensor, removed: Tensor, counts: Sequence[int], n_weak: int) -> Tensor:
@@ -213,13 +247,11 @@ def select_weak_global(scores: Tensor, removed: Tensor, counts: Sequence[int], n
     scores = scores.float().contiguous()
     removed_u8 = removed.contiguous().view(torch.uint8)
     out = _empty((total,), torch.uint8, device)
-    starts = [sum(counts[:i]) for i in range(len(counts))]
-    block_i = TUNING["select_block_i"]
-    layers, blocks, n_blocks = _tables([[s, n] for s, n in zip(starts, counts)], counts, block_i, device)
+    layers, blocks, n_blocks = _select_tables(counts, device)
     if n_blocks:
         with _launch_context(device):
             _select_weak_global.launch(layers, blocks, len(counts), scores, removed_u8, min(n_weak, total), out,
-                                       n_blocks, block_i, TUNING["select_block_j"])
+                                       n_blocks, TUNING["select_block_i"], TUNING["select_block_j"])
     return out.view(torch.bool)
 
 
@@ -230,7 +262,7 @@ _SLOTS = ("bias", "gamma", "beta", "running mean", "running var")
 
 def _scale_filters(weights, vectors, status: Tensor, multiplier: Optional[Tensor], weak: Optional[Tensor],
                    factor: float, eps: float, restore: bool, zero_only: bool):
-    """Shared host side of attenuate_ and zero_removed_: tables, dtype groups, launches."""
+    """Shared host side of attenuate_ and zero_removed_: the (cached) plan, launches, versions."""
     device = status.device
     _check_device(device)
     total = status.shape[0]
@@ -241,8 +273,31 @@ def _scale_filters(weights, vectors, status: Tensor, multiplier: Optional[Tensor
         returned = _empty((total,), torch.uint8, device)
         newly = _empty((total,), torch.uint8, device)
         mult_arg, weak_arg, returned_arg, newly_arg = multiplier, weak.contiguous().view(torch.uint8), returned, newly
+    tensors = [t for w, vector in zip(weights, vectors) for t in (w, *vector)]
+    key = ("scale", device, TUNING["attenuate_block_f"], status.data_ptr(), _layout(tensors))
+    plan = _PLAN_CACHE.get(key)
+    write_back: list[tuple[Tensor, Tensor]] = []
+    if plan is None:
+        plan, write_back = _scale_plan(weights, vectors, status, device)
+        if not write_back:      # a plan holding the addresses of fresh copies is not reusable
+            _cached(_PLAN_CACHE, key, lambda: plan)
+    block_f, block_k = TUNING["attenuate_block_f"], TUNING["attenuate_block_k"]
+    with _launch_context(device):
+        for dtypes, layers, blocks, n_blocks in plan:
+            _attenuate.launch(layers, blocks, status, mult_arg, weak_arg, returned_arg, newly_arg, n_blocks,
+                              _f32(factor), _f32(eps), dtypes, zero_only, restore, block_f, block_k)
+    for target, copy in write_back:
+        target.copy_(copy)
+    written = [t for t in tensors if t is not None] + ([] if zero_only else [status, multiplier])
+    torch.autograd.graph.increment_version(written)     # tensors modified in place: autograd versions
+    return returned, newly
+
+
+def _scale_plan(weights, vectors, status: Tensor, device: torch.device):
+    """One launch per combination of parameter dtypes: [(dtypes, layer table, block table, number of
+    blocks)], and the (tensor, copy) pairs of tensors the kernel cannot update where they lie (it
+    updates the copy, written back after the launch)."""
     dummy = status.data_ptr()           # a valid address for missing tensors, never dereferenced
-    written: list[Tensor] = []          # tensors modified in place: autograd version counters
     write_back: list[tuple[Tensor, Tensor]] = []
     groups: dict = {}
     start = 0
@@ -251,7 +306,6 @@ def _scale_filters(weights, vectors, status: Tensor, multiplier: Optional[Tensor
         if w.dtype not in _TL_DTYPES:
             raise TypeError(f"triton backend: layer {i} weight has dtype {w.dtype}; supported are "
                             "float16, bfloat16, float32, float64")
-        written.append(w)
         data = w.detach()
         k = _row_len(data)
         if not (_rows_dense(data) and (n <= 1 or data.stride(0) >= k)):
@@ -268,7 +322,6 @@ def _scale_filters(weights, vectors, status: Tensor, multiplier: Optional[Tensor
             if t.dtype not in _TL_DTYPES:
                 raise TypeError(f"triton backend: layer {i} {slot} has dtype {t.dtype}; supported are "
                                 "float16, bfloat16, float32, float64")
-            written.append(t)
             v = t.detach()
             if n > 1 and v.stride(0) == 0:   # overlapping elements: let copy_ say what the reference says
                 copy = v.contiguous()
@@ -278,19 +331,13 @@ def _scale_filters(weights, vectors, status: Tensor, multiplier: Optional[Tensor
             dtypes.append(_TL_DTYPES[t.dtype])
         groups.setdefault(tuple(dtypes), []).append((row, n))
         start += n
-    block_f, block_k = TUNING["attenuate_block_f"], TUNING["attenuate_block_k"]
-    with _launch_context(device):
-        for dtypes, items in groups.items():
-            layers, blocks, n_blocks = _tables([row for row, _ in items], [n for _, n in items], block_f, device)
-            if n_blocks:
-                _attenuate.launch(layers, blocks, status, mult_arg, weak_arg, returned_arg, newly_arg, n_blocks,
-                                  _f32(factor), _f32(eps), dtypes, zero_only, restore, block_f, block_k)
-    for target, copy in write_back:
-        target.copy_(copy)
-    if not zero_only:
-        written += [status, multiplier]
-    torch.autograd.graph.increment_version(written)
-    return returned, newly
+    plan = []
+    for dtypes, items in groups.items():
+        layers, blocks, n_blocks = _tables([row for row, _ in items], [n for _, n in items],
+                                           TUNING["attenuate_block_f"], device)
+        if n_blocks:
+            plan.append((dtypes, layers, blocks, n_blocks))
+    return plan, write_back
 
 
 def attenuate_(weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],

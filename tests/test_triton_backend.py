@@ -410,6 +410,50 @@ def test_zero_removed_matches_reference(seed):
     assert removed and mine[0][0][[i for i in removed if i < 7]].abs().sum() == 0
 
 
+def test_launch_plans_are_reused_per_layout_and_rebuilt_when_it_changes(monkeypatch):
+    """The host side of the model-wide ops (dtype groups, device tables) is cached per tensor
+    layout: the same tensors reuse their plan, a tensor of another layout gets a new one, and a
+    plan that holds copies (weights the kernel cannot read in place) is never reused."""
+    builds = []
+    for name in ("_norms_plan", "_scale_plan"):
+        real = getattr(B, name)
+        monkeypatch.setattr(B, name, lambda *args, _real=real, _name=name: builds.append(_name) or _real(*args))
+    monkeypatch.setattr(B, "_PLAN_CACHE", type(B._PLAN_CACHE)())
+    g = torch.Generator().manual_seed(23)
+    weights = [torch.randn(7, 3, 3, 3, generator=g).to(DEVICE), torch.randn(5, 7, 3, 3, generator=g).to(DEVICE)]
+
+    def check_norms():
+        torch.testing.assert_close(ops.filter_norms(weights, "l2", backend="triton"),
+                                   ops.filter_norms(weights, "l2", backend="reference"))
+    for _ in range(3):
+        check_norms()
+    assert builds == ["_norms_plan"]
+    weights[1] = weights[1].contiguous(memory_format=torch.channels_last)   # same values, other strides
+    check_norms()
+    check_norms()
+    assert builds == ["_norms_plan"] * 2
+    weights[0] = weights[0][:, :, :2]                                       # rows not dense: a copy
+    check_norms()
+    check_norms()
+    assert builds == ["_norms_plan"] * 4
+
+    builds.clear()
+    gammas = [torch.rand(7, generator=g).to(DEVICE) + 0.5, torch.rand(5, generator=g).to(DEVICE) + 0.5]
+    status = torch.zeros(12, dtype=torch.uint8, device=DEVICE)
+    multiplier = torch.ones(12, device=DEVICE)
+    mine = [t.clone() for t in (*weights, *gammas, status, multiplier)]
+    weights[0] = weights[0].contiguous()
+    mine[0] = mine[0].contiguous()
+    for step in range(3):
+        weak = (torch.rand(12, generator=g) < 0.5).to(DEVICE)
+        for backend, (w0, w1, g0, g1, st, mu) in (("triton", mine), ("reference", (*weights, *gammas, status,
+                                                                                   multiplier))):
+            ops.attenuate_([w0, w1], [None, None], [g0, g1], [None, None], weak, st, mu, 0.5, 0.2, backend=backend)
+    for got, expected in zip(mine, (*weights, *gammas, status, multiplier)):
+        assert torch.equal(got, expected)
+    assert builds == ["_scale_plan"]
+
+
 # ------------------------------------------------------------------------- masked conv, facade
 
 def _net(width=6):
