@@ -288,6 +288,17 @@ def test_pruned_module_trains_on_the_triton_backend():
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
 
 
+def test_gradcheck_float64():
+    """torch.autograd.gradcheck (fast mode: random projections of the Jacobian, few interpreter
+    runs) on a tiny problem: every input, dead channels on both sides."""
+    x, w, b, s, oi, ii = _problem(4, 3, (3, 3), "half", "half", dtype=torch.float64, hw=(4, 4), batch=1,
+                                  seed=22)
+
+    def fn(x, w, b, s):
+        return ops.masked_conv2d(x, w, b, oi, ii, s, 1, 1, 1, backend="triton")
+    assert torch.autograd.gradcheck(fn, tuple(t.requires_grad_() for t in (x, w, b, s.double())), fast_mode=True)
+
+
 @pytest.mark.parametrize("dtype,kinds,splits", [(torch.float64, ("all", "all"), 3),
                                                 (torch.float64, ("half", "half"), 5),
                                                 (torch.float64, ("one", "full"), 3),
