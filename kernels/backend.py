@@ -165,6 +165,10 @@ def filter_norms(weights: Sequence[Tensor], ord: str) -> Tensor:
     if ord not in _filter_norms.ORD_CODES:
         raise ValueError(f"unknown norm {ord!r}: expected 'l1', 'l2' or 'linf'")
     weights = [w.detach() for w in weights]
+    return (_filter_norms_op if torch.compiler.is_compiling() else _norms)(weights, ord)
+
+
+def _norms(weights: list[Tensor], ord: str) -> Tensor:
     device = weights[0].device
     _check_device(device)
     out = _empty((sum(w.shape[0] for w in weights),), torch.float32, device)
@@ -211,9 +215,13 @@ def _norms_plan(weights: list[Tensor], device: torch.device) -> tuple[list, list
 def select_weak(scores: Tensor, removed: Tensor, counts: Sequence[int], ks: Tensor) -> Tensor:
     """Per layer, mark the ``ks[l]`` lowest-scoring filters: removed filters first, then by score,
     ties broken by lower index. Returns a flat bool mask."""
+    counts = [int(c) for c in counts]
+    return (_select_weak_op if torch.compiler.is_compiling() else _select)(scores, removed, counts, ks)
+
+
+def _select(scores: Tensor, removed: Tensor, counts: list[int], ks: Tensor) -> Tensor:
     device = scores.device
     _check_device(device)
-    counts = [int(c) for c in counts]
     scores = scores.float().contiguous()
     removed_u8 = removed.contiguous().view(torch.uint8)
     ks = ks.to(device=device, dtype=torch.int64).contiguous()
@@ -240,9 +248,14 @@ def _select_tables(counts: list[int], device: torch.device):
 def select_weak_global(scores: Tensor, removed: Tensor, counts: Sequence[int], n_weak: int) -> Tensor:
     """The reference's ``select_weak_global`` (one threshold over all layers on scores relative to
     their layer's mean live score) in one launch; returns a flat bool mask."""
+    counts = [int(c) for c in counts]
+    op = _select_weak_global_op if torch.compiler.is_compiling() else _select_global
+    return op(scores, removed, counts, int(n_weak))
+
+
+def _select_global(scores: Tensor, removed: Tensor, counts: list[int], n_weak: int) -> Tensor:
     device = scores.device
     _check_device(device)
-    counts = [int(c) for c in counts]
     total = sum(counts)
     scores = scores.float().contiguous()
     removed_u8 = removed.contiguous().view(torch.uint8)
@@ -352,7 +365,15 @@ def attenuate_(weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
         if not t.is_contiguous():
             raise ValueError(f"triton backend: {name} must be contiguous (it is updated in place)")
     no_stats = [None] * len(weights)
-    vectors = list(zip(biases, gammas, betas, running_means or no_stats, running_vars or no_stats))
+    per_kind = (biases, gammas, betas, running_means or no_stats, running_vars or no_stats)
+    if torch.compiler.is_compiling():
+        from attenuation.ops.slots import flat_vectors
+        return _attenuate_op([w.detach() for w in weights], *flat_vectors(*per_kind), weak, status, multiplier,
+                             float(factor), float(eps), bool(restore))
+    return _attenuate_filters(weights, list(zip(*per_kind)), weak, status, multiplier, factor, eps, restore)
+
+
+def _attenuate_filters(weights, vectors, weak, status, multiplier, factor, eps, restore) -> tuple[Tensor, Tensor]:
     returned, newly = _scale_filters(weights, vectors, status, multiplier, weak, factor, eps, restore,
                                      zero_only=False)
     return returned.view(torch.bool), newly.view(torch.bool)
@@ -362,8 +383,73 @@ def zero_removed_(weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
                   gammas: Sequence[Optional[Tensor]], betas: Sequence[Optional[Tensor]],
                   status: Tensor) -> None:
     """Zero (multiply by 0, as the reference does) every removed filter's weight row, bias, gamma, beta."""
-    vectors = [(b, g, bt, None, None) for b, g, bt in zip(biases, gammas, betas)]
+    if torch.compiler.is_compiling():
+        from attenuation.ops.slots import flat_vectors
+        _zero_removed_op([w.detach() for w in weights], *flat_vectors(biases, gammas, betas), status)
+        return
+    _zero_removed(weights, [(b, g, bt, None, None) for b, g, bt in zip(biases, gammas, betas)], status)
+
+
+def _zero_removed(weights, vectors, status: Tensor) -> None:
     _scale_filters(weights, vectors, status.contiguous(), None, None, 1.0, 0.0, False, zero_only=True)
+
+
+# ------------------------------------------------------------------ torch.library registration
+# The model-wide ops as torch custom ops with fake implementations, so that torch.compile traces a
+# step calling them (fullgraph). The optional per-layer vectors travel as a flat list plus slots
+# (attenuation.ops.slots), as in the native extension. Eager calls run the same implementations
+# without the dispatcher, whose Python custom-op path costs about 40 us a call on the 2-core Xeon:
+# as much as the whole host side of a VGG-16 step.
+
+@torch.library.custom_op("attenuation_triton::filter_norms", mutates_args=())
+def _filter_norms_op(weights: list[Tensor], ord: str) -> Tensor:
+    return _norms(weights, ord)
+
+
+@_filter_norms_op.register_fake
+def _(weights, ord):
+    return weights[0].new_empty((sum(w.shape[0] for w in weights),), dtype=torch.float32)
+
+
+@torch.library.custom_op("attenuation_triton::select_weak", mutates_args=())
+def _select_weak_op(scores: Tensor, removed: Tensor, counts: list[int], ks: Tensor) -> Tensor:
+    return _select(scores, removed, counts, ks)
+
+
+@torch.library.custom_op("attenuation_triton::select_weak_global", mutates_args=())
+def _select_weak_global_op(scores: Tensor, removed: Tensor, counts: list[int], n_weak: int) -> Tensor:
+    return _select_global(scores, removed, counts, n_weak)
+
+
+@_select_weak_op.register_fake
+@_select_weak_global_op.register_fake
+def _(scores, removed, counts, k):
+    return torch.empty_like(removed)
+
+
+@torch.library.custom_op("attenuation_triton::attenuate_",
+                         mutates_args=("weights", "vectors", "status", "multiplier"))
+def _attenuate_op(weights: list[Tensor], vectors: list[Tensor], slots: list[int], weak: Tensor, status: Tensor,
+                  multiplier: Tensor, factor: float, eps: float, restore: bool) -> tuple[Tensor, Tensor]:
+    from attenuation.ops.slots import per_layer_vectors
+    return _attenuate_filters(weights, per_layer_vectors(len(weights), vectors, slots), weak, status,
+                              multiplier, factor, eps, restore)
+
+
+@_attenuate_op.register_fake
+def _(weights, vectors, slots, weak, status, multiplier, factor, eps, restore):
+    return torch.empty_like(weak), torch.empty_like(weak)
+
+
+@torch.library.custom_op("attenuation_triton::zero_removed_", mutates_args=("weights", "vectors"))
+def _zero_removed_op(weights: list[Tensor], vectors: list[Tensor], slots: list[int], status: Tensor) -> None:
+    from attenuation.ops.slots import per_layer_vectors
+    _zero_removed(weights, per_layer_vectors(len(weights), vectors, slots), status)
+
+
+@_zero_removed_op.register_fake
+def _(weights, vectors, slots, status):
+    return None
 
 
 # ------------------------------------------------------------------------------------ masked conv

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from attenuation import ops
 from attenuation.methods import method_config
 from attenuation.ops import reference
+from attenuation.ops.slots import flat_vectors
 from attenuation.pruner import Pruner
 
 native = pytest.importorskip("attenuation.ops.native", reason="the native extension is not built")
@@ -310,7 +311,7 @@ def _opcheck_samples(device):
     vectors, total = vectors[:len(weights)], sum(w.shape[0] for w in weights)
     weak, status, multiplier = weak[:total], status[:total], multiplier[:total]
     weights[0] = weights[0].nan_to_num()  # opcheck compares outputs without equal_nan
-    flat, slots = native._flat_vectors(*_lists(vectors))
+    flat, slots = flat_vectors(*_lists(vectors))
     counts = [w.shape[0] for w in weights]
     x = torch.randn(2, 6, 7, 7, generator=g).to(device)
     w = torch.randn(5, 6, 3, 3, generator=g).to(device)

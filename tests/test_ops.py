@@ -373,3 +373,16 @@ def test_default_backend_override(monkeypatch):
     monkeypatch.setenv("ATTENUATION_BACKEND", "missing")
     with pytest.raises(ValueError, match="not available"):
         ops.filter_norms([torch.randn(2, 2)])
+
+
+def test_flat_vectors_and_back():
+    """The custom-op form of the per-layer vectors (present tensors + slots) and its inverse."""
+    from attenuation.ops.slots import flat_vectors, per_layer_vectors
+    a, b, c, d = (torch.randn(3) for _ in range(4))
+    per_kind = ([a, None], [None, b], [c, d])               # biases, gammas, betas of two layers
+    vectors, slots = flat_vectors(*per_kind)
+    assert slots == [0, 6, 2, 7] and all(v is not None for v in vectors)
+    rows = per_layer_vectors(2, vectors, slots)
+    assert [[t is None for t in row] for row in rows] == [[False, True, False, True, True],
+                                                           [True, False, False, True, True]]
+    assert torch.equal(rows[0][0], a) and torch.equal(rows[1][1], b) and torch.equal(rows[1][2], d)

@@ -454,6 +454,70 @@ def test_launch_plans_are_reused_per_layout_and_rebuilt_when_it_changes(monkeypa
     assert builds == ["_scale_plan"]
 
 
+def _small_model(seed):
+    """Two layers (7 and 5 filters) of fresh random tensors: weights, biases, gammas, betas."""
+    g = torch.Generator().manual_seed(seed)
+
+    def t(*shape, positive=False):
+        x = torch.rand(*shape, generator=g) + 0.5 if positive else torch.randn(*shape, generator=g)
+        return x.to(DEVICE)
+    return [t(7, 3, 3, 3), t(5, 7, 3, 3)], [t(7), None], [t(7, positive=True), t(5, positive=True)], [None, t(5)]
+
+
+def test_model_wide_ops_pass_opcheck():
+    weights, biases, gammas, betas = _small_model(24)
+    g = torch.Generator().manual_seed(25)
+    status = torch.randint(0, 3, (12,), generator=g, dtype=torch.uint8).to(DEVICE)
+    multiplier = torch.where(status == reference.WEAK, 0.5, 1.0).to(DEVICE)
+    scores = torch.rand(12, generator=g).to(DEVICE)
+    removed = status == reference.REMOVED
+    weak = (torch.rand(12, generator=g) < 0.5).to(DEVICE)
+    vectors = [biases[0], gammas[0], gammas[1], betas[1]]
+    slots = [0, 1, 6, 7]                                  # layer * 5 + kind (bias, gamma, beta, ...)
+    lib = torch.ops.attenuation_triton
+    torch.library.opcheck(lib.filter_norms.default, (weights, "l2"))
+    torch.library.opcheck(lib.select_weak.default,
+                          (scores, removed, [7, 5], torch.tensor([3, 2], device=DEVICE)))
+    torch.library.opcheck(lib.select_weak_global.default, (scores, removed, [7, 5], 5))
+    torch.library.opcheck(lib.attenuate_.default, (weights, vectors, slots, weak, status, multiplier, 0.5, 0.3,
+                                                   False))
+    torch.library.opcheck(lib.zero_removed_.default, (weights, vectors, slots, status))
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_attenuation_step_compiles_with_fullgraph(scope):
+    """torch.compile(fullgraph=True) traces a whole attenuation step on the triton backend (the
+    custom ops) and gives what eager gives."""
+    def step(weights, biases, gammas, betas, status, multiplier):
+        removed = status == reference.REMOVED
+        scores = ops.filter_norms(weights, "l1", backend="triton")
+        if scope == "global":
+            weak = ops.select_weak_global(scores, removed, [7, 5], 6, backend="triton")
+        else:
+            weak = ops.select_weak(scores, removed, [7, 5], torch.tensor([3, 2], device=DEVICE),
+                                   backend="triton")
+        returned, newly = ops.attenuate_(weights, biases, gammas, betas, weak, status, multiplier, 0.5, 0.3,
+                                         backend="triton")
+        ops.zero_removed_(weights, biases, gammas, betas, status, backend="triton")
+        return returned, newly
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    results = {}
+    for name, fn in (("compiled", compiled), ("eager", step)):
+        weights, biases, gammas, betas = _small_model(26)
+        status = torch.zeros(12, dtype=torch.uint8, device=DEVICE)
+        multiplier = torch.ones(12, device=DEVICE)
+        masks = [fn(weights, biases, gammas, betas, status, multiplier) for _ in range(3)]
+        results[name] = masks, [weights, biases, gammas, betas, [status], [multiplier]]
+    (masks, state), (ref_masks, ref_state) = results["compiled"], results["eager"]
+    for got, expected in zip(masks, ref_masks):
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    for got, expected in zip(state, ref_state):
+        for a, b in zip(got, expected):
+            assert (a is None and b is None) or torch.equal(a, b)
+    assert (ref_state[4][0] == reference.REMOVED).any()   # the step did remove filters
+
+
 # ------------------------------------------------------------------------- masked conv, facade
 
 def _net(width=6):

@@ -19,6 +19,7 @@ from attenuation import _C  # noqa: F401  (loading it registers the ops)
 
 from . import reference
 from .backends import warn_reference_fallback
+from .slots import flat_vectors
 
 _ops = torch.ops.attenuation
 
@@ -119,29 +120,17 @@ def select_weak(scores: Tensor, removed: Tensor, counts: Sequence[int], ks: Tens
     return _ops.select_weak(scores.float(), removed, [int(c) for c in counts], ks.to(torch.int64))
 
 
-def _flat_vectors(*per_kind: Sequence[Optional[Tensor]]) -> tuple[list[Tensor], list[int]]:
-    """The per-layer vector lists (biases, gammas, betas, running means, running vars; None where
-    absent) as the ops take them: the present ones and their slots, layer * 5 + kind."""
-    vectors, slots = [], []
-    for kind, tensors in enumerate(per_kind):
-        for layer, t in enumerate(tensors):
-            if t is not None:
-                vectors.append(t.detach())
-                slots.append(layer * 5 + kind)
-    return vectors, slots
-
-
 def attenuate_(weights, biases, gammas, betas, weak: Tensor, status: Tensor, multiplier: Tensor,
                factor: float, eps: float, restore: bool = False, running_means=None,
                running_vars=None) -> tuple[Tensor, Tensor]:
     no_stats = [None] * len(weights)
-    vectors, slots = _flat_vectors(biases, gammas, betas, running_means or no_stats, running_vars or no_stats)
+    vectors, slots = flat_vectors(biases, gammas, betas, running_means or no_stats, running_vars or no_stats)
     return _ops.attenuate_([w.detach() for w in weights], vectors, slots, weak, status, multiplier,
                            float(factor), float(eps), bool(restore))
 
 
 def zero_removed_(weights, biases, gammas, betas, status: Tensor) -> None:
-    vectors, slots = _flat_vectors(biases, gammas, betas)
+    vectors, slots = flat_vectors(biases, gammas, betas)
     _ops.zero_removed_([w.detach() for w in weights], vectors, slots, status)
 
 
