@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 
 # name -> (preset, extra options); paper_epoch: one baseline and one attenuation epoch of the
-# paper preset (full VGG-16), then removal, with neither recovery nor fine-tuning.
+# paper preset (full VGG-16), then removal, with neither recovery nor fine-tuning; smoke_triton:
+# the smoke preset on the triton backend (GPU only: its kernels then train a model end to end).
 RUNS = {
     "smoke": ("smoke", []),
+    "smoke_triton": ("smoke", ["--backend", "triton"]),
     "paper_epoch": ("paper", ["--epochs-baseline", "1", "--epochs-attenuation", "1",
                               "--epochs-recovery", "0", "--epochs-finetune", "0"]),
     "quick": ("quick", []),

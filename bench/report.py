@@ -153,7 +153,7 @@ def headlines(results: dict) -> list[str]:
             parts = [f"{tool} {_ms(t['train_step_ms'])} ms" for tool, t in tools.items()]
             lines.append(f"Training step while {row['ratio']:.0%} of filters are pruned: "
                          + ", ".join(parts) + ".")
-    for run in ("e2e_quick", "e2e_paper_epoch", "e2e_smoke"):
+    for run in ("e2e_quick", "e2e_paper_epoch", "e2e_smoke", "e2e_smoke_triton"):
         e2e = results.get(run)
         if e2e and e2e.get("train_images_per_second"):
             lines.append(f"`{run[4:]}` end to end: {e2e['wall_s']:.0f} s wall, "
@@ -299,7 +299,7 @@ def _removed(results: dict) -> list[str]:
 
 def _end_to_end(results: dict) -> list[str]:
     rows = []
-    for name in ("e2e_smoke", "e2e_paper_epoch", "e2e_quick"):
+    for name in ("e2e_smoke", "e2e_smoke_triton", "e2e_paper_epoch", "e2e_quick"):
         e = results.get(name)
         if not e:
             continue

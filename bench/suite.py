@@ -35,11 +35,13 @@ FORMAT = "attenuation.bench-suite/1"
 SECTIONS = ("peak", "overhead", "peers", "removed_latency")
 # Steps that run by default on a GPU (without --quick) and on a CPU only when asked: step -> option.
 OPTIONAL = {"tests": "--tests", "e2e_paper_epoch": "--paper-epoch", "e2e_quick": "--quick-preset"}
+# Steps that need a GPU: step -> why.
+GPU_ONLY = {"e2e_smoke_triton": "the triton backend runs on a GPU (on a CPU only under Triton's interpreter)"}
 # Deadline of each step in seconds, on a CPU and on a GPU; the budget left may cut it shorter.
 CAPS = {
     "build": (300, 240), "tests": (420, 150), "peak": (60, 30), "kernels": (300, 150),
     "overhead": (120, 60), "peers": (150, 90), "removed_latency": (90, 60),
-    "e2e_smoke": (120, 60), "e2e_paper_epoch": (600, 120), "e2e_quick": (900, 180),
+    "e2e_smoke": (120, 60), "e2e_smoke_triton": (0, 90), "e2e_paper_epoch": (600, 120), "e2e_quick": (900, 180),
 }
 
 
@@ -123,6 +125,8 @@ class Suite:
             return False, "left out with --skip"
         if name == "build":
             return self._build_wanted()
+        if name in GPU_ONLY and not self.gpu:
+            return False, GPU_ONLY[name]
         if name in OPTIONAL:
             option = OPTIONAL[name]
             chosen = getattr(self.args, option[2:].replace("-", "_"))
