@@ -14,6 +14,8 @@ layers (n <= a few thousand filters).
 import triton
 import triton.language as tl
 
+from .layer_table import program_layer
+
 # Columns of a layer row of the table: flat offset of the layer's first filter, number of filters.
 NCOL = 2
 
@@ -30,25 +32,27 @@ def _precedes(r_a, s_a, i_a, r_b, s_b, i_b):
 
 
 @triton.jit
+def load_keys(scores_ptr, removed_ptr, flat, mask):
+    """(removed flags, scores) of the filters at flat indices ``flat`` (masked ones: live, 0.0)."""
+    s = tl.load(scores_ptr + flat, mask=mask, other=0.0)
+    r = tl.load(removed_ptr + flat, mask=mask, other=0) != 0
+    return r, s
+
+
+@triton.jit
 def select_weak_kernel(layers_ptr, blocks_ptr, scores_ptr, removed_ptr, ks_ptr, out_ptr,
                        NCOL: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-    pid = tl.program_id(0)
-    layer = tl.load(blocks_ptr + 2 * pid)
-    i0 = tl.load(blocks_ptr + 2 * pid + 1)
-    start = tl.load(layers_ptr + layer * NCOL)
-    n = tl.load(layers_ptr + layer * NCOL + 1)
+    layer, i0, start, n = program_layer(layers_ptr, blocks_ptr, NCOL)
     k = tl.load(ks_ptr + layer)
 
     i = i0 + tl.arange(0, BLOCK_I)
     imask = i < n
-    s_i = tl.load(scores_ptr + start + i, mask=imask, other=0.0)
-    r_i = tl.load(removed_ptr + start + i, mask=imask, other=0) != 0
+    r_i, s_i = load_keys(scores_ptr, removed_ptr, start + i, imask)
     rank = tl.zeros([BLOCK_I], dtype=tl.int32)
     for j0 in range(0, n, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
         jmask = j < n
-        s_j = tl.load(scores_ptr + start + j, mask=jmask, other=0.0)
-        r_j = tl.load(removed_ptr + start + j, mask=jmask, other=0) != 0
+        r_j, s_j = load_keys(scores_ptr, removed_ptr, start + j, jmask)
         before = _precedes(r_j[None, :], s_j[None, :], j[None, :], r_i[:, None], s_i[:, None], i[:, None])
         before = before & jmask[None, :]
         rank += tl.sum(before.to(tl.int32), axis=1)

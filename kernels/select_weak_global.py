@@ -21,7 +21,8 @@ Cost O(N^2) comparisons for the N filters of the model (VGG-16: 4,224 filters, 1
 import triton
 import triton.language as tl
 
-from .select_weak import NCOL, _precedes
+from .layer_table import program_layer
+from .select_weak import NCOL, _precedes, load_keys
 
 MIN_LAYER_MEAN = tl.constexpr(1e-12)  # = attenuation.ops.reference.MIN_LAYER_MEAN (checked by the tests)
 
@@ -35,10 +36,10 @@ def _layer_mean(scores_ptr, removed_ptr, start, n, BLOCK: tl.constexpr):
     for j0 in range(0, n, BLOCK):
         j = j0 + tl.arange(0, BLOCK)
         jmask = j < n
-        s = tl.load(scores_ptr + start + j, mask=jmask, other=0.0)
-        r = tl.load(removed_ptr + start + j, mask=jmask, other=1) != 0
-        total += tl.where(r, 0.0, s)
-        live += (~r).to(tl.int32)
+        r, s = load_keys(scores_ptr, removed_ptr, start + j, jmask)
+        counted = jmask & ~r
+        total += tl.where(counted, s, 0.0)
+        live += counted.to(tl.int32)
     mean = tl.math.div_rn(tl.sum(total, axis=0), tl.maximum(tl.sum(live, axis=0), 1).to(tl.float32))
     return tl.where(mean < MIN_LAYER_MEAN, MIN_LAYER_MEAN, mean)
 
@@ -46,19 +47,14 @@ def _layer_mean(scores_ptr, removed_ptr, start, n, BLOCK: tl.constexpr):
 @triton.jit
 def _normalised(scores_ptr, removed_ptr, flat, mask, mean):
     """(removed flags, normalised scores) of the filters at flat indices ``flat``."""
-    s = tl.load(scores_ptr + flat, mask=mask, other=0.0)
-    r = tl.load(removed_ptr + flat, mask=mask, other=0) != 0
+    r, s = load_keys(scores_ptr, removed_ptr, flat, mask)
     return r, tl.where(r, float("-inf"), tl.math.div_rn(s, mean))
 
 
 @triton.jit(do_not_specialize=["n_weak"])
 def select_weak_global_kernel(layers_ptr, blocks_ptr, n_layers, scores_ptr, removed_ptr, n_weak, out_ptr,
                               NCOL: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-    pid = tl.program_id(0)
-    layer = tl.load(blocks_ptr + 2 * pid)
-    i0 = tl.load(blocks_ptr + 2 * pid + 1)
-    start = tl.load(layers_ptr + layer * NCOL)
-    n = tl.load(layers_ptr + layer * NCOL + 1)
+    layer, i0, start, n = program_layer(layers_ptr, blocks_ptr, NCOL)
 
     i = i0 + tl.arange(0, BLOCK_I)
     imask = i < n
