@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from attenuation import ops
+from attenuation.ops import reference
 from attenuation.methods import method_config
 from attenuation.models import vgg
 from attenuation.pruner import Pruner
@@ -56,13 +57,15 @@ def _batches(device):
 @pytest.mark.parametrize("live", LIVE_FRACTIONS)
 @pytest.mark.parametrize("layer", list(VGG16_LAYERS) + list(GPU_ONLY_LAYERS))
 @pytest.mark.parametrize("batch", [128, 256])
-@pytest.mark.parametrize("impl", ["native", "triton", "reference", "dense_zero_masked"])
+@pytest.mark.parametrize("impl", ["native", "triton", "reference", "gather_conv_scatter", "dense_zero_masked"])
 def test_masked_conv_forward_backward(benchmark, device, impl, batch, layer, live):
     """Masked conv2d forward + backward (live fraction on input and output channels) against the
-    library's dense convolution (cuDNN / oneDNN) on the full, zero-masked weight."""
+    library's dense convolution (cuDNN / oneDNN) on the full, zero-masked weight, and against the
+    plain gather, compact convolution, scatter (the reference's strategy below 30% of the MACs,
+    forced here at every fraction)."""
     if layer not in _layers(device) or batch not in _batches(device):
         pytest.skip(f"{layer} at batch {batch} is benchmarked on a GPU only")
-    backend = impl if impl == "dense_zero_masked" else _backend_or_skip(impl, device)
+    backend = impl if impl in ("dense_zero_masked", "gather_conv_scatter") else _backend_or_skip(impl, device)
     channels, size = _layers(device)[layer]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, channels, size, size, generator=g).to(device, memory_format=torch.channels_last)
@@ -76,6 +79,8 @@ def test_masked_conv_forward_backward(benchmark, device, impl, batch, layer, liv
     def step():
         if impl == "dense_zero_masked":
             y = F.conv2d(x, w * mask.view(-1, 1, 1, 1) * mask.view(1, -1, 1, 1), None, 1, 1)
+        elif impl == "gather_conv_scatter":
+            y = reference.gathered_conv2d(x, w, None, index, index, None, 1, 1, 1)
         else:
             y = ops.masked_conv2d(x, w, None, index, index, None, 1, 1, 1, backend=backend)
         y.backward(grad)
@@ -159,14 +164,16 @@ def test_filter_norms(benchmark, device, impl):
     benchmark(eager if impl == "eager_per_layer" else fused)
 
 
+@pytest.mark.parametrize("scope", ["layer", "global"])
 @pytest.mark.parametrize("impl", ["native", "triton", "reference"])
-def test_pruner_attenuation_step(benchmark, device, impl):
-    """The engine's whole attenuation step (criterion, ramp, select, attenuate, bookkeeping, live
-    masks) of VGG-16 on one backend."""
+def test_pruner_attenuation_step(benchmark, device, impl, scope):
+    """The engine's whole attenuation step (criterion, ramp, select per layer or over the model,
+    attenuate, bookkeeping, live masks) of VGG-16 on one backend."""
     backend = _backend_or_skip(impl, device)
     torch.manual_seed(0)
     model = vgg(16, width=1.0 if device.type == "cuda" else 0.25).to(device)
-    pruner = Pruner(model, method_config("attenuation", ratio=0.5, interval=1, factor=0.99), backend=backend)
+    pruner = Pruner(model, method_config("attenuation", ratio=0.5, interval=1, factor=0.99, scope=scope),
+                    backend=backend)
     pruner.start(10 ** 9)
 
     def step():

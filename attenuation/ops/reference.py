@@ -180,7 +180,7 @@ def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_index: 
     live_in = n_in if in_index is None else in_index.numel()
     if live_out * live_in >= GATHER_BELOW_MAC_FRACTION * n_out * n_in:
         return masked_dense_conv2d(x, weight, bias, out_index, in_index, scale, stride, padding, dilation, groups)
-    return _gathered(x, weight, bias, out_index, in_index, scale, stride, padding, dilation)
+    return gathered_conv2d(x, weight, bias, out_index, in_index, scale, stride, padding, dilation)
 
 
 def _channel_mask(index: Optional[Tensor], n: int, like: Tensor) -> Optional[Tensor]:
@@ -208,7 +208,9 @@ def masked_dense_conv2d(x, weight, bias, out_index, in_index, scale, stride, pad
     return y
 
 
-def _gathered(x, weight, bias, out_index, in_index, scale, stride, padding, dilation):
+def gathered_conv2d(x, weight, bias, out_index, in_index, scale, stride, padding, dilation):
+    """The masked convolution as gather (live input channels, live weight block), the compact
+    convolution, scatter into a zero output: the cheaper strategy when few MACs are live."""
     w = weight
     if in_index is not None:
         x = x.index_select(1, in_index)
