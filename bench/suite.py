@@ -41,7 +41,7 @@ GPU_ONLY = {"e2e_smoke_triton": "the triton backend runs on a GPU (on a CPU only
 CAPS = {
     "build": (300, 240), "tests": (420, 150), "peak": (60, 30), "kernels": (300, 150),
     "overhead": (120, 60), "peers": (150, 90), "removed_latency": (90, 60),
-    "e2e_smoke": (120, 60), "e2e_smoke_triton": (0, 90), "e2e_paper_epoch": (600, 120), "e2e_quick": (900, 180),
+    "e2e_smoke": (120, 60), "e2e_smoke_triton": (0, 120), "e2e_paper_epoch": (600, 120), "e2e_quick": (900, 180),
 }
 
 

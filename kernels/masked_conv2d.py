@@ -341,11 +341,14 @@ def _precision(dtype) -> str:
     return "tf32" if dtype == torch.float32 and not INTERPRET and torch.backends.cudnn.allow_tf32 else "ieee"
 
 
-def _launch(kind: str, key: tuple, launch) -> None:
-    """``launch(config)`` with the tuned configuration for ``key`` (GPU) or the fixed one of TUNING."""
+def _launch(kind: str, key: tuple, launch, gemm_m: int, gemm_n: int) -> None:
+    """``launch(config)`` with the tuned configuration for ``key`` (GPU) or the fixed one of TUNING.
+    Tiles more than twice the GEMM's M or N bucket (key holds both) are not tried: they compute
+    padding, and each costs a compilation and a timing."""
     autotune = TUNING.get("autotune")
     if autotune or (autotune is None and not INTERPRET):
-        _TUNERS[kind].launch(key, launch)
+        m, n = max(32, bucket(gemm_m)), max(32, bucket(gemm_n))
+        _TUNERS[kind].launch(key, launch, fits=lambda c: c.block_m <= m and c.block_n <= n)
         return
     bm, bn, bk, warps = TUNING["block_m"], TUNING["block_n"], TUNING["block_k"], TUNING["num_warps"]
     # grad-weight: channel tiles of block_n on both sides, positions (K) by block_m
@@ -398,7 +401,7 @@ def conv_forward(x, weight, bias, scale, out_index, in_index, stride, padding, d
             HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, ACC_DTYPE=_acc(x.dtype),
             UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype), **c.launch_args())
     _launch("forward", _tune_key(x, weight, stride, padding, dilation, out_index is None, in_index is None,
-                                 m, live_out, live_in), launch)
+                                 m, live_out, live_in), launch, m, live_out)
     return y
 
 
@@ -428,7 +431,7 @@ def conv_grad_input(g, weight, x_shape, x_channels_last, out_index, in_index, st
             KH=kh, KW=kw, ALL_OUT=out_index is None, ALL_IN=in_index is None, ACC_DTYPE=_acc(g.dtype),
             UPCAST=_upcast(g.dtype), PRECISION=_precision(g.dtype), **c.launch_args())
     _launch("grad_input", _tune_key(g, weight, stride, padding, dilation, out_index is None, in_index is None,
-                                    m, live_in, live_out), launch)
+                                    m, live_in, live_out), launch, m, live_in)
     return dx
 
 
@@ -468,7 +471,7 @@ def conv_grad_weight(g, x, weight_shape, weight_layout, out_index, in_index, str
             KW=kw, ALL_OUT=out_index is None, ALL_IN=in_index is None, ACC_DTYPE=_acc(x.dtype),
             UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype), **c.launch_args())
     _launch("grad_weight", _tune_key(x, dwt, stride, padding, dilation, out_index is None, in_index is None,
-                                     live_out, live_in, positions, splits), launch)
+                                     live_out, live_in, positions, splits), launch, live_out, live_in)
     if splits > 1:
         dwt.copy_(target.sum(0))
     return dwt

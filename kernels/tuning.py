@@ -47,17 +47,21 @@ class Tuner:
         self.best: dict[Hashable, Config] = {}
         self._time_ms = time_ms or _time_ms
 
-    def launch(self, key: Hashable, launch: Callable[[Config], None]) -> Config:
-        """``launch(config)`` with the best configuration for ``key`` (tuned on its first use)."""
+    def launch(self, key: Hashable, launch: Callable[[Config], None],
+               fits: Optional[Callable[[Config], bool]] = None) -> Config:
+        """``launch(config)`` with the best configuration for ``key``, tuned on its first use among
+        the configurations that ``fits`` admits (all of them when it admits none): ``fits`` must
+        depend on nothing but what ``key`` holds."""
         config = self.best.get(key)
         if config is None:
-            config = self.best[key] = self._choose(launch)
+            candidates = [c for c in self.configs if fits is None or fits(c)] or self.configs
+            config = self.best[key] = self._choose(candidates, launch)
         launch(config)
         return config
 
-    def _choose(self, launch: Callable[[Config], None]) -> Config:
+    def _choose(self, candidates: Sequence[Config], launch: Callable[[Config], None]) -> Config:
         timings = {}
-        for config in self.configs:
+        for config in candidates:
             try:
                 timings[config] = self._time_ms(lambda: launch(config))
             except OutOfResources:

@@ -43,3 +43,19 @@ def test_tuner_says_when_nothing_fits():
         raise OutOfResources(1 << 20, 1 << 16, "shared memory")
     with pytest.raises(RuntimeError, match="no kernel configuration fits"):
         tuning.Tuner(_configs(), lambda fn: fn()).launch("key", launch)
+
+
+def test_tuner_tries_only_the_configs_that_fit_the_problem():
+    configs = _configs()                                   # block_m 16, 32, 48, 64
+    timed = []
+
+    def time_ms(fn):
+        fn()
+        return 1.0 / timed[-1].block_m                     # bigger tiles are "faster"
+
+    tuner = tuning.Tuner(configs, time_ms)
+    chosen = tuner.launch("small", timed.append, fits=lambda c: c.block_m <= 32)
+    assert chosen == configs[1] and timed[:-1] == configs[:2]
+    timed.clear()
+    chosen = tuner.launch("none fits", timed.append, fits=lambda c: False)
+    assert chosen == configs[3] and timed[:-1] == configs  # then every config is tried
