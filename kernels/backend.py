@@ -115,10 +115,8 @@ def _device_table(values: list[int], device: torch.device) -> Tensor:
     right. On CUDA the upload goes through pinned memory, asynchronously (no synchronisation).
     """
     def upload() -> Tensor:
-        host = torch.tensor(values, dtype=torch.int64)
-        if device.type == "cuda":
-            return host.pin_memory().to(device, non_blocking=True)
-        return host.to(device)
+        from attenuation.transfer import to_device   # here: importing attenuation imports this module
+        return to_device(torch.tensor(values, dtype=torch.int64), device)
     return _cached(_TABLE_CACHE, (device, tuple(values)), upload)
 
 
