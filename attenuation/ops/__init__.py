@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .backends import available_backends, get_backend, get_op, set_default_backend
-from .reference import ACTIVE, REMOVED, WEAK
+from .status import ACTIVE, REMOVED, WEAK
 
 NORMS = ("l1", "l2", "linf")
 

@@ -1,7 +1,8 @@
 """Pure-PyTorch reference implementations of the ops: the specification every backend must meet.
 
 Filters of all layers are laid out in one flat vector (layer 0's filters first); ``counts[l]`` is the
-number of filters of layer ``l``. Per-filter state uses ``status`` codes ACTIVE / WEAK / REMOVED.
+number of filters of layer ``l``. Per-filter state uses the ``status`` codes ACTIVE / WEAK / REMOVED
+(:mod:`attenuation.ops.status`).
 None of these functions reads a device value on the host, so they never synchronise.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ACTIVE, WEAK, REMOVED = 0, 1, 2
+from .status import ACTIVE, REMOVED, WEAK
 
 
 def filter_norms(weights: Sequence[Tensor], ord: str) -> Tensor:
