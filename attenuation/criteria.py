@@ -81,13 +81,19 @@ def geometric_median(ctx: CriterionContext) -> Tensor:
     return torch.cat(scores)
 
 
-@register_criterion("bn", scales_with_filter=True)
-def bn_scale(ctx: CriterionContext) -> Tensor:
-    """|gamma| of the BatchNorm following each conv (network slimming, Liu et al. 2017)."""
-    missing = [layer.name for layer in ctx.layers if layer.bn is None or layer.bn.weight is None]
+def require_affine_bn(layers: Sequence[PrunableLayer]) -> None:
+    """Criterion 'bn' reads each conv's BatchNorm gamma: refuse layers without one (the pruner
+    calls this at construction, so that a bad model fails before the first step)."""
+    missing = [layer.name for layer in layers if layer.bn is None or layer.bn.weight is None]
     if missing:
         raise ValueError(f"criterion 'bn' needs an affine BatchNorm2d after every pruned conv; "
                          f"none follows: {', '.join(missing)}")
+
+
+@register_criterion("bn", scales_with_filter=True)
+def bn_scale(ctx: CriterionContext) -> Tensor:
+    """|gamma| of the BatchNorm following each conv (network slimming, Liu et al. 2017)."""
+    require_affine_bn(ctx.layers)
     return torch.cat([layer.bn.weight.detach().float().abs() for layer in ctx.layers])
 
 

@@ -1,4 +1,4 @@
-"""The pruning methods, all presets of one engine (DESIGN.md section 1)."""
+"""The pruning methods, all presets of one engine (docs/METHOD.md, "The rule" and "Special cases")."""
 from __future__ import annotations
 
 from .overrides import apply_overrides

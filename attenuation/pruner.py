@@ -1,9 +1,10 @@
-"""The attenuation engine: one rule (DESIGN.md section 1) that runs filter attenuation, hard
-pruning (one-shot or iterative) and Soft Filter Pruning as special cases."""
+"""The attenuation engine: one rule (docs/METHOD.md, "The rule") that runs filter attenuation, hard
+pruning (one-shot or iterative) and Soft Filter Pruning as special cases ("Special cases")."""
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -12,7 +13,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import ops
-from .criteria import CriterionContext, get_criterion, scales_with_filter
+from .criteria import CriterionContext, get_criterion, require_affine_bn, scales_with_filter
 from .layers import PrunableLayer, find_prunable_layers
 from .modules import convert_model
 from .schedule import check_ramp, ramp_ratio, weak_count
@@ -45,7 +46,17 @@ class PruningConfig:
     # docs/ARCHITECTURE.md).
     reversible: bool = False
 
+    def __post_init__(self):
+        self.validate()
+
     def validate(self) -> "PruningConfig":
+        """Check every field's type, then its value: TypeError / ValueError naming the field."""
+        for name in ("criterion", "scope", "ramp"):
+            _check_type(name, getattr(self, name), str, "a string")
+        for name in ("mask_gradients", "attenuate_bn", "reversible"):
+            _check_type(name, getattr(self, name), bool, "True or False")
+        for name in ("ratio", "factor", "eps"):
+            _check_finite(name, getattr(self, name))
         get_criterion(self.criterion)
         check_ramp(self.ramp)
         if not 0.0 <= self.ratio < 1.0:
@@ -56,9 +67,32 @@ class PruningConfig:
             raise ValueError(f"removal threshold eps must be >= 0, got {self.eps}")
         if self.scope not in SCOPES:
             raise ValueError(f"unknown scope {self.scope!r}: expected one of {', '.join(SCOPES)}")
-        if self.interval != "epoch" and not (isinstance(self.interval, int) and self.interval >= 1):
-            raise ValueError(f"interval must be a positive number of steps or 'epoch', got {self.interval!r}")
+        _check_interval(self.interval)
         return self
+
+
+def _check_type(name: str, value, kind: type, expected: str) -> None:
+    if not isinstance(value, kind):
+        raise TypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
+
+
+def _check_finite(name: str, value) -> None:
+    """A finite real number; bool is not a number here (``ratio=True`` is a mistake, not 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+
+
+def _check_interval(interval) -> None:
+    if isinstance(interval, str):
+        if interval != "epoch":
+            raise ValueError(f"interval must be a positive number of steps or 'epoch', got {interval!r}")
+    elif isinstance(interval, bool) or not isinstance(interval, numbers.Integral):
+        raise TypeError(f"interval must be an int number of steps or 'epoch', got {interval!r} "
+                        f"({type(interval).__name__})")
+    elif interval < 1:
+        raise ValueError(f"interval must be a positive number of steps or 'epoch', got {interval!r}")
 
 
 class Pruner:
@@ -68,8 +102,10 @@ class Pruner:
     every optimizer step (also during recovery: it keeps removed filters at zero), and
     ``pruner.finish()`` at the end of the phase, which removes the filters still weak.
 
-    ``step()`` reads nothing from the device: the live masks (and ``n_removed``) of an attenuation
-    step reach the convs at the next ``step()``, see :meth:`sync_live`.
+    ``step()`` reads nothing from the device: an attenuation step starts a copy of the status to
+    the host, and its live masks reach the convs at the next ``step()`` (see :meth:`sync_live`).
+    The readers (``n_removed``, :meth:`live_fraction`, :meth:`live_masks`, :meth:`keep_masks`,
+    :meth:`fates`, ...) are always up to date: those that need the host copy wait for it.
     """
 
     def __init__(self, model: nn.Module, config: Optional[PruningConfig] = None, *,
@@ -79,10 +115,7 @@ class Pruner:
         convert_model(model, backend)
         self.layers: list[PrunableLayer] = find_prunable_layers(model, ignored_layers)
         if self.config.criterion == "bn":  # fail now, not at the first step
-            missing = [layer.name for layer in self.layers if layer.bn is None or layer.bn.weight is None]
-            if missing:
-                raise ValueError("criterion 'bn' needs an affine BatchNorm2d after every pruned "
-                                 f"conv; none follows: {', '.join(missing)}")
+            require_affine_bn(self.layers)
         self.counts = [layer.n_filters for layer in self.layers]
         self.offsets = [0]
         for n in self.counts:
@@ -101,11 +134,13 @@ class Pruner:
         self.phase = "idle"          # idle -> pruning -> finished
         self.history: list[Tensor] = []       # status after each attenuation step
         self.history_steps: list[int] = []
-        self.n_removed = 0           # host count, as of the live masks the convs were last given
-        # Whether removed filters may exist: set by every attenuation step, made exact by sync_live.
-        # While it is False, step() skips zero_removed_ and the gradient masks pass gradients on.
+        self._n_removed = 0          # host count, as of the last status copy taken in
+        # Whether removed filters may exist: set by every attenuation step, made exact when its
+        # status copy is taken in. While it is False, step() skips zero_removed_ and the gradient
+        # masks pass gradients on (both would multiply by one).
         self._removals_possible = False
         self._pending_status: Optional[HostCopy] = None  # status copy of the last _apply, on its way
+        self._removed_for_convs: Optional[list[Tensor]] = None  # taken in, not yet given to the convs
         # Per layer, the removed counts (its own, its input source's) its live masks were set for:
         # removal is permanent, so equal counts mean equal masks and the layer is left alone.
         self._live_set_for: list = [None] * len(self.layers)
@@ -132,8 +167,8 @@ class Pruner:
         return self.total_steps // self.interval if self.total_steps else 0
 
     def step(self) -> None:
-        """Call after every optimizer step: applies the live masks of the last attenuation step,
-        re-zeroes removed filters and attenuates when due."""
+        """Call after every optimizer step: gives the convs the live masks of the last attenuation
+        step, re-zeroes removed filters and attenuates when due."""
         self.sync_live()
         if self._removals_possible:
             ops.zero_removed_(*self._filter_tensors(), self.status, backend=self.backend)
@@ -149,7 +184,7 @@ class Pruner:
 
     @torch.no_grad()
     def attenuation_step(self) -> None:
-        """Score, select the weak set, attenuate (DESIGN.md section 1, steps 1-4)."""
+        """Score, select the weak set, attenuate (docs/METHOD.md, "The rule")."""
         removed = self.status == ops.REMOVED
         context = CriterionContext(self.layers, removed, self.generator, self.backend)
         scores = get_criterion(self.config.criterion)(context).float()
@@ -168,8 +203,9 @@ class Pruner:
 
     @torch.no_grad()
     def finish(self) -> None:
-        """End of the pruning phase: every still-weak filter is removed (DESIGN.md step 5)."""
-        self._apply(self.status == ops.WEAK, 0.0, math.inf, count_weak_step=False)
+        """End of the pruning phase: every still-weak filter is removed (docs/METHOD.md, "The rule")."""
+        # factor 0 makes every multiplier 0, below eps = 1: all of them are removed
+        self._apply(self.status == ops.WEAK, 0.0, 1.0, count_weak_step=False)
         self.sync_live()
         self.phase = "finished"
 
@@ -201,22 +237,30 @@ class Pruner:
         betas = [layer.bn.bias if layer.bn is not None else None for layer in self.layers]
         return weights, biases, gammas, betas
 
-    def sync_live(self) -> None:
-        """Give the convs the live masks of the last attenuation step and update ``n_removed``.
-
-        ``step()`` calls it first, ``finish()`` and ``state_dict()`` too; call it before reading
-        ``n_removed`` or the convs' masks elsewhere. It reads the status copy started by that
-        attenuation step (on CUDA it waits for it, normally done by then). Until then the convs still
-        compute the newly removed channels, which gives the same result (up to the rounding of a
-        dense against a compact convolution): removed filters are zero (weight, bias, BN gamma and
-        beta: DESIGN.md's invariant), so their channels are zero either way."""
+    def _take_in_status(self) -> None:
+        """Take in the status copy started by the last attenuation step, if one is on its way (on
+        CUDA this waits for it, normally done by then): the host count and the convs' next masks."""
         if self._pending_status is None:
             return
         removed = (self._pending_status.wait() == ops.REMOVED).split(self.counts)
         self._pending_status = None
+        self._n_removed = sum(int(r.sum()) for r in removed)
+        self._removals_possible = self._n_removed > 0
+        self._removed_for_convs = list(removed)
+
+    def sync_live(self) -> None:
+        """Give the convs the live masks of the last attenuation step now.
+
+        ``step()`` does it first, ``finish()``, ``state_dict()`` and :meth:`live_masks` too: no
+        user needs to call it. Until then the convs still compute the newly removed channels, which
+        gives the same result (up to the rounding of a dense against a compact convolution):
+        removed filters are zero (weight, bias, BN gamma and beta: docs/METHOD.md, "The
+        invariant"), so their channels are zero either way."""
+        self._take_in_status()
+        removed, self._removed_for_convs = self._removed_for_convs, None
+        if removed is None:
+            return
         removed_per_layer = [int(r.sum()) for r in removed]
-        self.n_removed = sum(removed_per_layer)
-        self._removals_possible = self.n_removed > 0
         for i, layer in enumerate(self.layers):
             source = layer.source
             counts = (removed_per_layer[i], removed_per_layer[source] if source is not None else 0)
@@ -255,9 +299,22 @@ class Pruner:
         keep = self.status != ops.REMOVED
         return [keep[self.offsets[i]:self.offsets[i + 1]] for i in range(len(self.counts))]
 
+    @property
+    def n_removed(self) -> int:
+        """The number of removed filters, as of the last attenuation step (waits for its status
+        copy; the convs' masks are left to the next step, so reading never changes training)."""
+        self._take_in_status()
+        return self._n_removed
+
     def live_fraction(self) -> float:
-        """Live filters over all filters, as of the convs' live masks (see :meth:`sync_live`)."""
+        """Live filters over all filters, as of the last attenuation step."""
         return 1.0 - self.n_removed / self.offsets[-1]
+
+    def live_masks(self) -> list[tuple[Tensor, Optional[Tensor]]]:
+        """Per layer, its conv's (live_out, live_in) masks (live_in None: every input channel),
+        after giving the convs the masks of the last attenuation step."""
+        self.sync_live()
+        return [(layer.conv.live_out, layer.conv.live_in) for layer in self.layers]
 
     def total_returns(self) -> int:
         return int(self.returns.sum())
@@ -281,8 +338,8 @@ class Pruner:
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
-        """The pruner's state; applies any pending live masks first, so that a run resumed from
-        it and the uninterrupted run give the convs the same masks."""
+        """The pruner's state; gives the convs any pending live masks first, so that a run resumed
+        from it and the uninterrupted run give the convs the same masks."""
         self.sync_live()
         return {
             "config": dataclasses.asdict(self.config),

@@ -1,5 +1,6 @@
-"""DESIGN.md's invariant, through the engine: the pruned (masked, zeroed) VGG computes exactly what
-its physically removed version computes, in train and in eval mode."""
+"""The invariant (docs/METHOD.md, "The invariant"), through the engine: the pruned (masked,
+zeroed) VGG computes exactly what its physically removed version computes, in train and in eval
+mode."""
 import copy
 
 import pytest

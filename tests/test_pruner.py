@@ -1,4 +1,4 @@
-"""The attenuation engine: DESIGN.md's rule, its presets, checkpointing and bad input."""
+"""The attenuation engine: the rule (docs/METHOD.md), its presets, checkpointing and bad input."""
 import copy
 import math
 
@@ -73,6 +73,9 @@ def test_criteria_values():
     torch.testing.assert_close(get_criterion("bn")(ctx)[8:], model[5].weight.detach().abs())
     with pytest.raises(RuntimeError, match="needs gradients"):
         get_criterion("taylor")(ctx)
+    pruner.layers[1].bn = None  # the criterion refuses it too, naming the layer
+    with pytest.raises(ValueError, match="criterion 'bn' needs an affine BatchNorm2d.*: 4"):
+        get_criterion("bn")(ctx)
     a = get_criterion("random")(CriterionContext(pruner.layers, removed, torch.Generator().manual_seed(3)))
     b = get_criterion("random")(CriterionContext(pruner.layers, removed, torch.Generator().manual_seed(3)))
     assert torch.equal(a, b)
@@ -105,7 +108,8 @@ def test_attenuation_scales_filters_and_removes_below_eps():
     assert _status(pruner)[0].count(2) == 2
     assert model[1].weight.detach()[weak].abs().sum() == 0
     assert pruner.removed_at[:8][weak].tolist() == [4, 4]
-    assert model[0].live_out.all() and pruner.n_removed == 0  # the convs follow at the next step
+    assert model[0].live_out.all()  # step() read nothing back: the convs follow at the next step
+    assert pruner.n_removed == 6    # the count is current all the same
     pruner.step()
     assert model[0].live_out.sum() == 6 and model[4].live_in.sum() == 6  # chained input mask
     assert pruner.n_removed == 6
@@ -169,20 +173,24 @@ def test_gradients_of_removed_filters_are_masked():
 
 def test_live_masks_follow_an_attenuation_step_at_the_next_step():
     """An attenuation step only starts copying the status to the host; the convs get its live
-    masks at the start of the next step(), or at once from sync_live, state_dict and finish."""
+    masks at the start of the next step(), or at once from live_masks, state_dict and finish.
+    Reading the counts waits for the copy but leaves the convs alone (reading changes no result)."""
     model = _net()
     pruner = Pruner(model, method_config("iterative", ratio=0.75, interval=1))
     pruner.start(8)
     pruner.step()
     first = pruner.status.clone()
-    assert (first == 2).any() and pruner.n_removed == 0
+    assert (first == 2).any()
+    assert all(all(mask) for mask in _live_out(pruner)) and model[4].live_in is None
+    assert pruner.n_removed == int((first == 2).sum()) and pruner.live_fraction() == 1 - pruner.n_removed / 24
     assert all(all(mask) for mask in _live_out(pruner)) and model[4].live_in is None
     pruner.step()  # gives the convs the first step's masks, then attenuates again
     assert _live_out(pruner) == [(first[:8] != 2).tolist(), (first[8:] != 2).tolist()]
     assert model[4].live_in.tolist() == (first[:8] != 2).tolist()  # chained input mask
-    assert pruner.n_removed == int((first == 2).sum()) < int((pruner.status == 2).sum())
-    pruner.sync_live()
-    assert _live_out(pruner) == _keep(pruner) and pruner.n_removed == int((pruner.status == 2).sum())
+    assert int((first == 2).sum()) < int((pruner.status == 2).sum()) == pruner.n_removed
+    masks = pruner.live_masks()
+    assert [out.tolist() for out, _ in masks] == _keep(pruner) == _live_out(pruner)
+    assert masks[0][1] is None and masks[1][1].tolist() == _keep(pruner)[0]
     pruner.step()
     pruner.state_dict()
     assert _live_out(pruner) == _keep(pruner)
@@ -190,6 +198,27 @@ def test_live_masks_follow_an_attenuation_step_at_the_next_step():
     pruner.finish()
     removed = int((pruner.status == 2).sum())
     assert _live_out(pruner) == _keep(pruner) and pruner.live_fraction() == 1 - removed / 24
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_readers_are_current_without_sync_live(seed, scope):
+    """Right after an attenuation step that removes filters, with no call in between, every reader
+    agrees with the model itself: a removed filter is one whose parameters were zeroed."""
+    torch.manual_seed(seed)
+    model = _net()
+    pruner = Pruner(model, method_config("hard", ratio=0.5, interval=3, scope=scope, criterion="random"), seed=seed)
+    pruner.start(3)
+    _train(model, pruner, 3, seed=seed)  # the third step() attenuates and returns at once
+    zeroed = [(model[0].weight.detach().flatten(1).abs().sum(1) == 0).tolist(),
+              (model[4].weight.detach().flatten(1).abs().sum(1) == 0).tolist()]
+    n_zeroed = sum(map(sum, zeroed))
+    assert n_zeroed > 0 and all(all(mask) for mask in _live_out(pruner))   # the convs not given them yet
+    assert pruner.n_removed == n_zeroed and pruner.live_fraction() == 1 - n_zeroed / 24
+    assert _keep(pruner) == [[not z for z in layer] for layer in zeroed]
+    assert [[r >= 0 for r in fate["removed_at"]] for fate in pruner.fates()] == zeroed
+    assert [out.tolist() for out, _ in pruner.live_masks()] == _keep(pruner) == _live_out(pruner)
+    assert pruner.live_masks()[1][1].tolist() == _keep(pruner)[0]
 
 
 def _filter_parameters(pruner):
@@ -342,6 +371,30 @@ def test_bad_configuration_is_refused(overrides, match):
         PruningConfig(**overrides).validate()
 
 
+@pytest.mark.parametrize("overrides,error,match", [
+    (dict(ratio="0.5"), TypeError, "ratio must be a number"), (dict(ratio=None), TypeError, "ratio"),
+    (dict(ratio=True), TypeError, "ratio"), (dict(factor=math.nan), ValueError, "factor must be finite"),
+    (dict(eps=math.inf), ValueError, "eps must be finite"), (dict(eps=math.nan), ValueError, "eps"),
+    (dict(ratio=-math.inf), ValueError, "ratio"), (dict(interval=True), TypeError, "interval"),
+    (dict(interval=2.0), TypeError, "interval"), (dict(interval="daily"), ValueError, "interval"),
+    (dict(criterion=None), TypeError, "criterion must be a string"), (dict(ramp=["cubic"]), TypeError, "ramp"),
+    (dict(scope=1), TypeError, "scope"), (dict(reversible=1), TypeError, "reversible must be True or False"),
+    (dict(mask_gradients="yes"), TypeError, "mask_gradients"), (dict(attenuate_bn=None), TypeError, "attenuate_bn")])
+def test_configuration_types_are_checked(overrides, error, match):
+    """Every field is checked at construction, with an error naming it (bool is not a number)."""
+    with pytest.raises(error, match=match):
+        PruningConfig(**overrides)
+    if None not in overrides.values():  # method_config reads None as "the preset's value"
+        with pytest.raises(error, match=match):
+            method_config("attenuation", **overrides)
+
+
+def test_valid_configurations_of_every_numeric_kind_are_accepted():
+    import numpy as np
+    config = PruningConfig(ratio=0, factor=np.float32(0.5), eps=np.float64(0.1), interval=np.int64(3))
+    assert config.interval == 3 and PruningConfig(interval="epoch").interval == "epoch"
+
+
 def test_bad_method_and_models_are_refused():
     with pytest.raises(ValueError, match="unknown method"):
         method_config("magic")
@@ -350,6 +403,9 @@ def test_bad_method_and_models_are_refused():
     no_bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
     with pytest.raises(ValueError, match="criterion 'bn'"):
         Pruner(no_bn, PruningConfig(criterion="bn"))
+    not_affine = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, affine=False))
+    with pytest.raises(ValueError, match="criterion 'bn' needs an affine BatchNorm2d.*: 0"):
+        Pruner(not_affine, PruningConfig(criterion="bn"))
     with pytest.raises(ValueError, match="at least one step"):
         Pruner(_net()).start(0)
 
