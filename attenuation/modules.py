@@ -5,7 +5,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
@@ -19,7 +18,9 @@ class AttenuatedConv2d(nn.Conv2d):
     ``live_in`` masks, which a plain Conv2d state_dict may lack: they then default to all live).
     Dead output channels are written as zeros. With every channel live it runs the dense
     convolution, so it computes exactly what ``nn.Conv2d`` does. The masks change only through
-    :meth:`set_live`, which caches the index lists so that forward never synchronises.
+    :meth:`set_live`, which caches the index lists so that forward never synchronises. Grouped
+    convolutions and padding modes other than zeros, which the masked op does not take, run the
+    dense convolution on the live input channels and zero the dead output channels.
     """
 
     def __init__(self, *args, backend: Optional[str] = None, **kwargs):
@@ -97,13 +98,22 @@ class AttenuatedConv2d(nn.Conv2d):
         return float(self.live_out.float().mean())
 
     def forward(self, x: Tensor) -> Tensor:
-        dense = (self._out_index is None and self._in_index is None) or self.groups != 1 \
-            or self.padding_mode != "zeros"
-        if dense:  # removed filters are zero, so the dense result is exact
-            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                            self.groups) if self.padding_mode == "zeros" else super().forward(x)
+        if self._out_index is None and self._in_index is None:
+            return super().forward(x)
+        if self.groups != 1 or self.padding_mode != "zeros":
+            return self._masked_dense_forward(x)
         return ops.masked_conv2d(x, self.weight, self.bias, self._out_index, self._in_index, None,
                                  self.stride, self.padding, self.dilation, 1, backend=self.backend)
+
+    def _masked_dense_forward(self, x: Tensor) -> Tensor:
+        """The masked convolution's result for the convs the op does not take: dead input channels
+        read as zeros, dead output channels written as zeros (whatever their weights hold)."""
+        if self._in_index is not None:
+            x = x.masked_fill(~self.live_in.view(1, -1, 1, 1), 0)
+        y = super().forward(x)
+        if self._out_index is not None:
+            y = y.masked_fill(~self.live_out.view(1, -1, 1, 1), 0)
+        return y
 
     def extra_repr(self) -> str:
         live = int(self.live_out.sum())

@@ -1,5 +1,6 @@
 """AttenuatedConv2d is a drop-in nn.Conv2d; convert_model and layer discovery work on any model."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -103,3 +104,51 @@ def test_resnet18_swap_and_forward():
     assert layers[by_name["layer2.0.conv1"]].source is None  # reads a residual sum
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs", [dict(groups=2, padding=1), dict(groups=4, padding=1),
+                                    dict(padding=1, padding_mode="reflect"), dict(padding=1, padding_mode="circular"),
+                                    dict(groups=2, padding=2, dilation=2, padding_mode="replicate")])
+def test_masks_hold_for_grouped_convs_and_padding_modes(kwargs):
+    """The convs the masked op does not take still compute only live outputs from live inputs:
+    a dead input channel is never read (NaN there changes nothing), a dead output is zero."""
+    torch.manual_seed(0)
+    conv = AttenuatedConv2d(4, 8, 3, dtype=torch.float64, **kwargs)
+    plain = nn.Conv2d(4, 8, 3, dtype=torch.float64, **kwargs)
+    plain.load_state_dict({k: v for k, v in conv.state_dict().items() if not k.startswith("live")})
+    live_out, live_in = torch.rand(8) < 0.5, torch.rand(4) < 0.5
+    live_out[:2], live_in[:2] = torch.tensor([True, False]), torch.tensor([True, False])
+    conv.set_live(live_out, live_in)
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    poisoned = x.clone().requires_grad_()
+    with torch.no_grad():
+        poisoned[:, ~live_in] = float("nan")
+    got = conv(poisoned)
+    leaf = x.clone().requires_grad_()
+    expected = plain(leaf * live_in.view(1, -1, 1, 1)) * live_out.view(1, -1, 1, 1)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert torch.equal(got[:, ~live_out], torch.zeros_like(got[:, ~live_out]))
+    grad = torch.randn_like(got)
+    got.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(poisoned.grad, leaf.grad, rtol=0, atol=0)
+    torch.testing.assert_close(conv.weight.grad, plain.weight.grad)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native", "triton"])
+@pytest.mark.parametrize("dead", ["inputs", "outputs"])
+@pytest.mark.parametrize("geometry", [dict(kernel_size=3), dict(kernel_size=4, dilation=2)])
+def test_same_padding_with_every_channel_dead(backend, dead, geometry):
+    """padding='same' (stride 1: the input's size) when no input or no output channel is live."""
+    from attenuation import ops
+    if backend not in ops.available_backends():
+        pytest.skip(f"no {backend} backend in this environment")
+    conv = AttenuatedConv2d(4, 6, padding="same", backend=backend, **geometry)
+    none_live = torch.zeros(4 if dead == "inputs" else 6, dtype=torch.bool)
+    conv.set_live(*((None, none_live) if dead == "inputs" else (none_live, None)))
+    x = torch.randn(2, 4, 7, 9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a backend may say once that it runs the reference here
+        got = conv(x)
+    expected = (conv.bias.detach() if dead == "inputs" else torch.zeros(6)).view(1, 6, 1, 1).expand(2, 6, 7, 9)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

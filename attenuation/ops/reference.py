@@ -152,6 +152,10 @@ def zero_removed_(weights: Sequence[Tensor], biases: Sequence[Optional[Tensor]],
 
 
 def _output_size(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[int, int]:
+    if padding == "same":  # F.conv2d takes it with stride 1 only: the input's size
+        return x.shape[2], x.shape[3]
+    if padding == "valid":
+        padding = 0
     size = []
     for i in range(2):
         pick = lambda v: v if isinstance(v, int) else v[i]  # noqa: E731
