@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import sys
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ __all__ = [
     "DataNotFoundError",
     "DeviceLoader",
     "download_cifar10",
+    "find_cifar10",
     "load_cifar10",
     "resolve_cifar10",
     "subset",
@@ -118,6 +120,15 @@ def _default_locations() -> list[Path]:
     ]
 
 
+def _looked_in(looked: list[Path]) -> str:
+    places = "\n".join(f"  - {p}" for p in looked)
+    return f"Looked in:\n  - explicit path (none given)\n  - ${ENV_VAR} (not set)\n{places}\n"
+
+
+_PROVIDE = (f"Provide it with --data PATH or {ENV_VAR}=PATH (a {NPZ_NAME} file or a {FOLDER_NAME} "
+            "folder)")
+
+
 def resolve_cifar10(path: str | os.PathLike | None = None) -> Path:
     """Find CIFAR-10: ``path`` if given, else ``$ATTENUATION_DATA``, else the default places.
 
@@ -133,13 +144,9 @@ def resolve_cifar10(path: str | os.PathLike | None = None) -> Path:
     for candidate in looked:
         if candidate.exists():
             return candidate.resolve()
-    places = "\n".join(f"  - {p}" for p in looked)
     raise DataNotFoundError(
-        "CIFAR-10 not found. Looked in:\n"
-        f"  - explicit path (none given)\n  - ${ENV_VAR} (not set)\n{places}\n"
-        f"Provide it with --data PATH or {ENV_VAR}=PATH (a {NPZ_NAME} file or a {FOLDER_NAME} "
-        "folder), or run `attenuation run --download` to fetch it with torchvision where the "
-        "network allows."
+        f"CIFAR-10 not found. {_looked_in(looked)}{_PROVIDE}, or run `attenuation run --download` "
+        "to fetch it with torchvision where the network allows."
     )
 
 
@@ -158,6 +165,35 @@ def download_cifar10(root: str | os.PathLike | None = None) -> Path:
             f"{FOLDER_NAME} folder)."
         ) from exc
     return (root / FOLDER_NAME).resolve()
+
+
+def find_cifar10(path: str | os.PathLike | None = None, *, download: bool = False) -> Path:
+    """The data set a run reads. With ``download``, a fresh download into the default cache.
+    Otherwise :func:`resolve_cifar10`; when the user named no place (no ``path``, no
+    ``$ATTENUATION_DATA``) and none of the default places holds the data, it is downloaded into
+    the default cache (announced on stderr), so a first run on a fresh machine needs no flag.
+    Offline, the error lists the places searched, why the download failed and how to provide it."""
+    if download:
+        return _announced_download()
+    try:
+        return resolve_cifar10(path)
+    except DataNotFoundError:
+        if path is not None or os.environ.get(ENV_VAR):
+            raise
+    try:
+        return _announced_download()
+    except DataNotFoundError as failed:
+        reason = failed.__cause__
+        raise DataNotFoundError(
+            f"CIFAR-10 not found, and downloading it into {_default_cache()} failed "
+            f"({type(reason).__name__}: {reason}). {_looked_in(_default_locations())}{_PROVIDE}."
+        ) from reason
+
+
+def _announced_download() -> Path:
+    print(f"attenuation: downloading CIFAR-10 with torchvision into {_default_cache()}",
+          file=sys.stderr, flush=True)
+    return download_cifar10()
 
 
 # --------------------------------------------------------------------------- loading
@@ -278,7 +314,11 @@ def load_cifar10(path: str | os.PathLike) -> CIFAR10:
         raise DataNotFoundError(
             f"CIFAR-10 path does not exist or holds neither {NPZ_NAME} nor {FOLDER_NAME}: {given}"
         )
-    return _load_folder(found) if found.is_dir() else _load_npz(found)
+    data = _load_folder(found) if found.is_dir() else _load_npz(found)
+    for split, labels in (("training", data.y_train), ("test", data.y_test)):
+        if len(labels) == 0:
+            raise DataFormatError(f"{data.source} holds no {split} images: a run needs both splits")
+    return data
 
 
 def _class_balanced_first(labels: torch.Tensor, n: int) -> torch.Tensor:

@@ -4,6 +4,7 @@ import os
 import pickle
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from attenuation.data import (
     DataNotFoundError,
     DeviceLoader,
     download_cifar10,
+    find_cifar10,
     load_cifar10,
     resolve_cifar10,
     subset,
@@ -201,6 +203,67 @@ def test_download_fetches_both_splits(tmp_path, monkeypatch):
     assert calls == [(str(tmp_path), True, True), (str(tmp_path), False, True)]
 
 
+@pytest.fixture
+def fake_torchvision(monkeypatch):
+    """torchvision's CIFAR10 replaced: it writes a tiny batches folder into its root, or raises
+    ``fail`` when set; ``calls`` records each (root, train, download)."""
+    import torchvision
+
+    fake = SimpleNamespace(calls=[], fail=None)
+
+    def cifar10(root, train, download):
+        fake.calls.append((root, train, download))
+        if fake.fail is not None:
+            raise fake.fail
+        folder = Path(root) / "cifar-10-batches-py"
+        if not folder.exists():
+            _write_folder(folder)
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", cifar10)
+    return fake
+
+
+def test_find_downloads_and_announces_when_nothing_is_found(no_defaults, fake_torchvision, capsys):
+    cache = no_defaults / "home" / ".cache" / "attenuation"
+    found = find_cifar10()
+    assert found == (cache / "cifar-10-batches-py").resolve()
+    assert [train for _, train, _ in fake_torchvision.calls] == [True, False]
+    assert f"downloading CIFAR-10 with torchvision into {cache}" in capsys.readouterr().err
+    assert load_cifar10(found).x_train.shape == (15, 3, 32, 32)
+    fake_torchvision.calls.clear()
+    assert find_cifar10() == found and fake_torchvision.calls == []  # found in the cache next time
+
+
+def test_find_offline_lists_places_and_how_to_provide(no_defaults, fake_torchvision):
+    fake_torchvision.fail = OSError("network unreachable")
+    with pytest.raises(DataNotFoundError) as info:
+        find_cifar10()
+    message = str(info.value)
+    assert "downloading it into" in message and "OSError: network unreachable" in message
+    for place in data._default_locations():
+        assert str(place) in message
+    for remedy in ("--data PATH", data.ENV_VAR, "cifar10.npz", "cifar-10-batches-py"):
+        assert remedy in message
+
+
+@pytest.mark.parametrize("origin", ["explicit", "env"])
+def test_find_never_downloads_instead_of_a_named_place(tmp_path, no_defaults, fake_torchvision,
+                                                       monkeypatch, origin):
+    missing = tmp_path / "nope.npz"
+    if origin == "env":
+        monkeypatch.setenv(data.ENV_VAR, str(missing))
+    with pytest.raises(DataNotFoundError, match="does not exist"):
+        find_cifar10(missing if origin == "explicit" else None)
+    assert fake_torchvision.calls == []
+
+
+def test_find_uses_local_data_and_download_forces_a_download(no_defaults, fake_torchvision, capsys):
+    local = _write_npz(no_defaults / "cwd" / "data" / "cifar10.npz")
+    assert find_cifar10() == local.resolve() and fake_torchvision.calls == []
+    cache = no_defaults / "home" / ".cache" / "attenuation"
+    assert find_cifar10(download=True) == (cache / "cifar-10-batches-py").resolve()
+    assert len(fake_torchvision.calls) == 2 and "downloading" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- load
 
 
@@ -302,6 +365,16 @@ def test_missing_or_truncated_batch(tmp_path):
     (folder / "data_batch_2").unlink()
     with pytest.raises(DataFormatError, match="missing batch file data_batch_2"):
         load_cifar10(folder)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_empty_split_is_refused(tmp_path, split):
+    empty = {f"x_{split}": np.zeros((0, 32, 32, 3), np.uint8), f"y_{split}": np.zeros(0, np.uint8)}
+    path = _write_npz(tmp_path / "c.npz", **empty)
+    word = "training" if split == "train" else "test"
+    with pytest.raises(DataFormatError, match=f"holds no {word} images") as info:
+        load_cifar10(path)
+    assert str(path.resolve()) in str(info.value)
 
 
 def test_load_missing_path(tmp_path):
