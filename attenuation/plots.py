@@ -17,6 +17,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
+from .files import atomic_open
+
 __all__ = ["plot_training_curves", "plot_filter_fates", "ACTIVE", "WEAK", "REMOVED"]
 
 ACTIVE, WEAK, REMOVED = 0, 1, 2
@@ -37,9 +39,9 @@ _DPI = 120
 
 def _save(fig: Figure, path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(path, format="png", dpi=_DPI)
+    with atomic_open(path) as f:
+        fig.savefig(f, format="png", dpi=_DPI)
     return path
 
 

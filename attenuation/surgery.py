@@ -8,12 +8,12 @@ convolutions are nn.Conv2d subclasses).
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Callable
 
 import torch
 from torch import nn
 
+from .files import atomic_torch_save
 from .models.vgg import VGG, build_model
 
 __all__ = ["remove_filters", "save_pruned", "load_pruned", "PRUNED_FORMAT"]
@@ -244,16 +244,7 @@ def save_pruned(model: nn.Module, path: str | os.PathLike) -> None:
         "spec": model.spec(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                               prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_torch_save(checkpoint, path)
 
 
 def load_pruned(path: str | os.PathLike, map_location="cpu") -> nn.Module:

@@ -216,6 +216,24 @@ def test_save_load_round_trip(tmp_path):
     assert load_pruned(str(path)).spec() == small.spec()
 
 
+def test_save_writes_a_plain_file_atomically(tmp_path, monkeypatch):
+    small = remove_filters(zeroed_vgg(3)[0])
+    saved = os.umask(0o022)
+    try:
+        save_pruned(small, tmp_path / "pruned.pt")
+    finally:
+        os.umask(saved)
+    assert os.stat(tmp_path / "pruned.pt").st_mode & 0o777 == 0o644  # as open() makes it
+    before = (tmp_path / "pruned.pt").read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_pruned(vgg(11, width=0.125), tmp_path / "pruned.pt")
+    assert (tmp_path / "pruned.pt").read_bytes() == before and os.listdir(tmp_path) == ["pruned.pt"]
+
+
 def test_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_pruned(tmp_path / "missing.pt")
