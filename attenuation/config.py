@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from .methods import method_config
 from .overrides import apply_overrides
+from .train import LRSchedule
 
 PHASES = ("baseline", "attenuation", "recovery", "finetune")
 
@@ -33,6 +36,13 @@ class RunConfig:
                                                   "finetune": 2})
     batch_size: int = 256
     lr: float = 0.2
+    # the learning-rate schedule (train.LRSchedule): the baseline warms up from lr_warmup_start x lr
+    # over its first lr_warmup_fraction of steps; the attenuation phase holds lr_pruning_fraction x lr,
+    # recovery decays from there; fine-tuning decays from lr_finetune_fraction x lr
+    lr_warmup_fraction: float = 0.15
+    lr_warmup_start: float = 0.1
+    lr_pruning_fraction: float = 0.4
+    lr_finetune_fraction: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
@@ -51,9 +61,15 @@ class RunConfig:
                              scope=self.scope, ramp=self.ramp, factor=self.factor, eps=self.eps,
                              interval=self.interval, reversible=self.reversible)
 
+    def lr_schedule(self) -> LRSchedule:
+        return LRSchedule(peak=self.lr, warmup_fraction=self.lr_warmup_fraction,
+                          warmup_start=self.lr_warmup_start, pruning_fraction=self.lr_pruning_fraction,
+                          finetune_fraction=self.lr_finetune_fraction)
+
     def validate(self) -> "RunConfig":
         if self.method == "none":  # the control prunes nothing, whatever ratio the preset carries
             self.ratio = 0.0
+        self._check_numbers()
         self.pruning_config()  # method, criterion, ratio, factor, ... checked there
         if set(self.epochs) != set(PHASES):
             raise ValueError(f"epochs must name exactly the phases {PHASES}, got {sorted(self.epochs)}")
@@ -62,17 +78,45 @@ class RunConfig:
                 raise ValueError(f"epochs for {phase} must be a non-negative integer, got {n!r}")
         if self.epochs["attenuation"] < 1 and self.method != "none":
             raise ValueError("the attenuation phase needs at least one epoch")
-        for name in ("batch_size", "round_to", "latency_batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.width <= 0:
-            raise ValueError(f"width must be > 0, got {self.width}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
         return self
+
+    def _check_numbers(self) -> None:
+        """Every number finite and in its range: a NaN or infinite rate would train an all-NaN
+        model that still reports an accuracy."""
+        for name, hint in typing.get_type_hints(RunConfig).items():
+            value = getattr(self, name)
+            allowed = typing.get_args(hint) or (hint,)  # Optional[X] and Union[X, Y] list their types
+            if not _is_instance(value, allowed):
+                names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+                raise TypeError(f"{name} must be {names}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
+        for name in ("batch_size", "round_to", "latency_batch"):
+            _require(self, name, lambda v: v >= 1, ">= 1")
+        for name in ("train_subset", "test_subset"):
+            _require(self, name, lambda v: v is None or v >= 1, ">= 1 (or unset: all images)")
+        for name in ("width", "lr", "lr_pruning_fraction", "lr_finetune_fraction"):
+            _require(self, name, lambda v: v > 0, "> 0")
+        _require(self, "lr_warmup_fraction", lambda v: 0 < v < 1, "in (0, 1)")
+        _require(self, "lr_warmup_start", lambda v: 0 <= v <= 1, "in [0, 1]")
+        _require(self, "momentum", lambda v: 0 < v < 1, "in (0, 1) (Nesterov momentum needs one)")
+        _require(self, "weight_decay", lambda v: v >= 0, ">= 0")
+        _require(self, "label_smoothing", lambda v: 0 <= v <= 1, "in [0, 1]")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _is_instance(value, types: tuple) -> bool:
+    if isinstance(value, bool):
+        return bool in types
+    return isinstance(value, types) or (float in types and isinstance(value, int))
+
+
+def _require(config: RunConfig, name: str, ok, what: str) -> None:
+    value = getattr(config, name)
+    if not ok(value):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
 PRESETS: dict[str, dict] = {

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+
+from .files import atomic_write_text
 
 __all__ = [
     "SUMMARY_KEYS",
@@ -152,39 +152,21 @@ def _check_keys(summary: Mapping) -> None:
             )
 
 
-def _atomic_write_text(path, text: str) -> Path:
-    """Write via a temporary file in the same folder and os.replace, so readers never
-    see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_summary(summary: dict, path) -> Path:
     """Validate ``summary`` against ``SUMMARY_KEYS`` and write it as JSON, atomically."""
     _check_keys(summary)
     # allow_nan=False: NaN/Infinity are not JSON and would break strict readers.
     text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
-    return _atomic_write_text(path, text)
+    return atomic_write_text(path, text)
 
 
 def _cell(value, fmt) -> str:
     return _DASH if value is None else fmt(value)
 
 
-def _phase_rows(phases: list[dict]) -> list[str]:
+def _phase_rows(phases: list[dict], latency_batch: int) -> list[str]:
     lines = [
-        "| phase | test accuracy (%) | parameters | MACs | latency (ms, batch 256) "
+        f"| phase | test accuracy (%) | parameters | MACs | latency (ms, batch {latency_batch}) "
         "| wall time (s) |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -243,6 +225,7 @@ def write_report(
     data_source: str,
     device: str,
     phases: list[dict],
+    latency_batch: int,
     summary: dict,
     plots: list[str],
     notes: Iterable[str] = (),
@@ -250,12 +233,14 @@ def write_report(
     """Write report.md (atomically) and return its path.
 
     ``phases`` rows hold ``PHASE_KEYS``: phase, accuracy (test, %), params, macs,
-    latency_ms, seconds; all but phase may be None. The baseline latency used for the
-    speedup is taken from the row whose phase is "baseline". ``plots`` are file names
-    relative to the report.
+    latency_ms (measured at batch ``latency_batch``), seconds; all but phase may be None.
+    The baseline latency used for the speedup is taken from the row whose phase is
+    "baseline". ``plots`` are file names relative to the report.
     """
     _check_keys(summary)
-    table = _phase_rows(phases)
+    if isinstance(latency_batch, bool) or not isinstance(latency_batch, int) or latency_batch < 1:
+        raise ValueError(f"latency_batch must be a positive int, got {latency_batch!r}")
+    table = _phase_rows(phases, latency_batch)
     baseline_latency = next(
         (row.get("latency_ms") for row in phases if row.get("phase") == "baseline"), None
     )
@@ -305,4 +290,4 @@ def write_report(
         "</details>",
         "",
     ]
-    return _atomic_write_text(path, "\n".join(lines))
+    return atomic_write_text(path, "\n".join(lines))

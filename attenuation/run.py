@@ -1,7 +1,9 @@
 """The CIFAR-10 prune, recover, remove loop: phases, checkpoints and resume, reports."""
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import time
 from pathlib import Path
 from typing import Optional
@@ -10,33 +12,27 @@ import torch
 import torch.nn as nn
 
 from . import plots, report
-from .checkpoint import load_checkpoint, save_atomic
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import PHASES, RunConfig
-from .data import DeviceLoader, download_cifar10, load_cifar10, resolve_cifar10, subset
+from .data import CIFAR10, DeviceLoader, find_cifar10, load_cifar10, subset
+from .devices import check_backend, describe_device, resolve_device
+from .files import atomic_write_text, remove_stale_temporaries
 from .models import build_model, vgg
-from .ops.backends import default_backend
 from .profiling import count_macs, count_parameters, measure_latency
 from .pruner import Pruner
 from .surgery import remove_filters, save_pruned
-from .train import evaluate, lr_at, train_epoch
+from .train import evaluate, train_epoch
 
-CHECKPOINT_FORMAT = "attenuation.run/1"
 # Options that change where a run writes, not what it computes.
 _NOT_COMPARED_ON_RESUME = ("out",)
+# Every file a run writes in its folder.
+OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint.pt", "model.pt", "fates.json", "report.md",
+           "summary.json", "curves.png", "filter_fates.png")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ValueError(f"unknown device {name!r}: {error}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {name!r} is not supported: use cpu, cuda or auto")
-    return device
+class TrainingDiverged(ValueError):
+    """The training loss or the weights became non-finite: the run stops, its last good checkpoint
+    kept."""
 
 
 def default_out(config: RunConfig) -> Path:
@@ -52,17 +48,16 @@ class Run:
         self.config = config.validate()
         self.out = Path(config.out) if config.out else default_out(config)
         self.device = resolve_device(config.device)
+        self.backend = check_backend(config.backend, self.device)
+        if not resume and (self.out / "checkpoint.pt").exists():
+            raise FileExistsError(f"{self.out} already holds a run: pass --resume to continue it "
+                                  "or choose another --out")
         self.progress = progress
         self.channels_last = True  # faster for these convs on CPU (oneDNN) and GPU (tensor cores)
         if self.device.type == "cpu":
             torch.set_flush_denormal(True)  # denormal BN statistics of dead channels slow CPUs 2x
         torch.manual_seed(config.seed)
-        data_path = download_cifar10() if download else resolve_cifar10(config.data)
-        data = load_cifar10(data_path)
-        n_train = min(config.train_subset or len(data.y_train), len(data.y_train))
-        n_test = min(config.test_subset or len(data.y_test), len(data.y_test))
-        if (n_train, n_test) != (len(data.y_train), len(data.y_test)):
-            data = subset(data, n_train, n_test)
+        data = self._load_data(download)
         self.data_source = data.source
         self.train_loader = DeviceLoader(data.x_train, data.y_train, config.batch_size, self.device,
                                          train=True, seed=config.seed, channels_last=self.channels_last)
@@ -74,18 +69,29 @@ class Run:
         self.optimizer = self._make_optimizer()
         self.state = {"phase_index": 0, "epoch_in_phase": 0, "global_epoch": 0, "wall_seconds": 0.0,
                       "metrics": [], "phases": [], "record": None}
+        remove_stale_temporaries(self.out, OUTPUTS)  # of a killed earlier session of this run
         if resume:
             self._resume()
         else:
-            if (self.out / "checkpoint.pt").exists():
-                raise FileExistsError(f"{self.out} already holds a run: pass --resume to continue it "
-                                      "or choose another --out")
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-            (self.out / "metrics.jsonl").write_text("")
+            atomic_write_text(self.out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+            atomic_write_text(self.out / "metrics.jsonl", "")
         self.state["wall_seconds"] += time.perf_counter() - created  # data loading and setup
 
     # ------------------------------------------------------------------ setup
+    def _load_data(self, download: bool) -> CIFAR10:
+        """CIFAR-10 (found, else downloaded), cut to the configured subsets; refused when the
+        training set cannot fill one batch (the loader drops partial batches: no step would run)."""
+        c = self.config
+        data = load_cifar10(find_cifar10(c.data, download=download))
+        n_train = min(c.train_subset or len(data.y_train), len(data.y_train))
+        n_test = min(c.test_subset or len(data.y_test), len(data.y_test))
+        if (n_train, n_test) != (len(data.y_train), len(data.y_test)):
+            data = subset(data, n_train, n_test)
+        if c.batch_size > n_train:
+            raise ValueError(f"batch_size {c.batch_size} is larger than the {n_train} training images: "
+                             "every epoch would drop its only, partial batch and train nothing")
+        return data
+
     def _to_device(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
@@ -96,8 +102,8 @@ class Run:
                                weight_decay=c.weight_decay)
 
     def _checkpoint(self) -> None:
-        save_atomic({
-            "format": CHECKPOINT_FORMAT, "config": self.config.to_dict(), "state": self.state,
+        save_checkpoint({
+            "config": self.config.to_dict(), "state": self.state,
             "removed": self.pruner is None, "model_spec": self.model.spec(),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "pruner": self.pruner.state_dict() if self.pruner is not None else None,
@@ -106,9 +112,8 @@ class Run:
 
     def _resume(self) -> None:
         saved = load_checkpoint(self.out / "checkpoint.pt", map_location=self.device)
-        if saved.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{self.out / 'checkpoint.pt'} is not a run checkpoint of this version")
-        mine, theirs = self.config.to_dict(), saved["config"]
+        # a field added since the checkpoint was written has the default that kept runs unchanged
+        mine, theirs = self.config.to_dict(), {**RunConfig().to_dict(), **saved["config"]}
         differ = [k for k in mine if k not in _NOT_COMPARED_ON_RESUME and mine[k] != theirs.get(k)]
         if differ:
             raise ValueError("the checkpoint is from another configuration: "
@@ -125,8 +130,8 @@ class Run:
         self.train_loader.load_state_dict(saved["loader"])
         torch.set_rng_state(saved["torch_rng"].cpu())
         self.state = saved["state"]
-        with open(self.out / "metrics.jsonl", "w") as f:  # drop rows written after the checkpoint
-            f.writelines(json.dumps(row) + "\n" for row in self.state["metrics"])
+        rows = "".join(json.dumps(row) + "\n" for row in self.state["metrics"])
+        atomic_write_text(self.out / "metrics.jsonl", rows)  # drops the rows written after the checkpoint
 
     # ------------------------------------------------------------------ the loop
     def execute(self, stop_after_epochs: Optional[int] = None) -> Optional[dict]:
@@ -155,14 +160,15 @@ class Run:
         steps = len(self.train_loader)
         total = n_epochs * steps
         epoch = self.state["epoch_in_phase"]
-        pruner = self.pruner
+        pruner, schedule = self.pruner, self.config.lr_schedule()
         result = train_epoch(
             self.model, self.train_loader, self.optimizer,
-            lr=lambda step: lr_at(phase, step, total, self.config.lr), first_step=epoch * steps,
+            lr=lambda step: schedule.at(phase, step, total), first_step=epoch * steps,
             label_smoothing=self.config.label_smoothing,
             after_step=pruner.step if pruner is not None else None,
             progress=f"{phase} {epoch + 1}/{n_epochs}" if self.progress else None,
             live_fraction=self._live_fraction)
+        self._check_finite(result.loss, f"the {phase} phase, epoch {epoch + 1}/{n_epochs}")
         if pruner is not None:
             pruner.sync_live()  # the epoch's last attenuation step, for the masks and counts below
         test_loss, test_acc = evaluate(self.model, self.test_loader)
@@ -171,7 +177,7 @@ class Run:
         row = {"phase": phase, "epoch": self.state["global_epoch"], "phase_epoch": epoch + 1,
                "train_loss": result.loss, "train_acc": result.accuracy, "test_loss": test_loss,
                "test_acc": test_acc, "live_fraction": self._live_fraction(),
-               "lr": lr_at(phase, (epoch + 1) * steps - 1, total, self.config.lr),
+               "lr": schedule.at(phase, (epoch + 1) * steps - 1, total),
                "seconds": result.seconds, "images_per_second": result.images / result.seconds,
                "pruning_seconds": result.pruning_seconds, "macs": count_macs(self.model, live_only=True)}
         self.state["metrics"].append(row)
@@ -180,6 +186,18 @@ class Run:
         if self.progress:
             print(f"[{phase} {epoch + 1}/{n_epochs}] loss {result.loss:.3f} train {result.accuracy:.1f}% "
                   f"test {test_acc:.2f}% live {row['live_fraction']:.2f} ({result.seconds:.0f}s)", flush=True)
+
+    def _check_finite(self, loss: float, where: str) -> None:
+        """Stop before a diverged epoch is checkpointed: the checkpoint on disk stays the last good one."""
+        tensors = itertools.chain(self.model.parameters(), self.model.buffers())
+        if math.isfinite(loss) and all(bool(t.isfinite().all()) for t in tensors if t.is_floating_point()):
+            return
+        checkpoint = self.out / "checkpoint.pt"
+        kept = (f"{checkpoint} holds the last good state" if checkpoint.exists()
+                else "no checkpoint was written (it diverged in the first epoch)")
+        raise TrainingDiverged(
+            f"training diverged in {where}: the training loss is {loss:g} or the weights are no longer "
+            f"finite; {kept}. Try a lower --lr (now {self.config.lr:g}) in a new run.")
 
     def _live_fraction(self) -> float:
         """Live filters over the original model's filters, also after physical removal."""
@@ -227,7 +245,7 @@ class Run:
         c, record = self.config, self.state["record"]
         phases = {row["phase"]: row for row in self.state["phases"]}
         save_pruned(self.model, self.out / "model.pt")
-        (self.out / "fates.json").write_text(json.dumps(record["fates"]) + "\n")
+        atomic_write_text(self.out / "fates.json", json.dumps(record["fates"]) + "\n")
         if self.state["metrics"]:
             plots.plot_training_curves(self.state["metrics"], self.out / "curves.png")
         plots.plot_filter_fates(record["history"], record["history_steps"], self.out / "filter_fates.png")
@@ -242,19 +260,13 @@ class Run:
             self.out / "report.md", title=f"attenuation run: {c.method} / {c.criterion}, ratio {c.ratio:g}, "
             f"VGG-{c.depth} x{c.width:g} ({c.preset} preset)", config=c.to_dict(),
             data_source=self.data_source, device=describe_device(self.device),
-            phases=self.state["phases"],
+            phases=self.state["phases"], latency_batch=c.latency_batch,
             summary=summary, plots=["curves.png", "filter_fates.png"],
-            notes=[f"ops backend: {c.backend or default_backend(self.device)}",
+            notes=[f"ops backend: {self.backend}",
                    f"{record['removed_filters']} of {record['filters']} filters removed, "
                    f"{record['returns']} returns; latency is the median forward time at batch "
                    f"{c.latency_batch}; the pruned rows before removal use the masked convolution."])
         return summary
-
-
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def run(config: RunConfig, *, resume: bool = False, progress: bool = True, download: bool = False,

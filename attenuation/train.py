@@ -22,25 +22,33 @@ class EpochResult:
     pruning_seconds: float = 0.0  # in after_step (the pruner); host time, so on CUDA its launches only
 
 
-PRUNING_LR_FRACTION = 0.4
-
-
-def lr_at(phase: str, step: int, total: int, peak: float) -> float:
+@dataclass(frozen=True)
+class LRSchedule:
     """The learning rate of each phase as a pure function of the step (so resuming needs no
-    scheduler state): the baseline warms up over its first 15% then decays linearly to zero; the
-    attenuation phase holds a moderate rate so filters can still regrow; recovery and fine-tuning
-    decay linearly from a lower start."""
-    progress = step / max(total, 1)
-    if phase == "baseline":
-        warm = 0.15
-        return peak * (0.1 + 0.9 * progress / warm) if progress < warm else peak * (1 - progress) / (1 - warm)
-    if phase == "attenuation":
-        return PRUNING_LR_FRACTION * peak
-    if phase == "recovery":
-        return PRUNING_LR_FRACTION * peak * (1 - progress)
-    if phase == "finetune":
-        return 0.1 * peak * (1 - progress)
-    raise ValueError(f"unknown phase {phase!r}")
+    scheduler state). The baseline warms up from ``warmup_start * peak`` over its first
+    ``warmup_fraction`` of steps, then decays linearly to zero; the attenuation phase holds
+    ``pruning_fraction * peak`` so filters can still regrow; recovery decays linearly from that
+    rate, fine-tuning from ``finetune_fraction * peak``. The values come from RunConfig."""
+    peak: float
+    warmup_fraction: float
+    warmup_start: float
+    pruning_fraction: float
+    finetune_fraction: float
+
+    def at(self, phase: str, step: int, total: int) -> float:
+        progress = step / max(total, 1)
+        peak, warm = self.peak, self.warmup_fraction
+        if phase == "baseline":
+            if progress < warm:
+                return peak * (self.warmup_start + (1 - self.warmup_start) * progress / warm)
+            return peak * (1 - progress) / (1 - warm)
+        if phase == "attenuation":
+            return self.pruning_fraction * peak
+        if phase == "recovery":
+            return self.pruning_fraction * peak * (1 - progress)
+        if phase == "finetune":
+            return self.finetune_fraction * peak * (1 - progress)
+        raise ValueError(f"unknown phase {phase!r}")
 
 
 def autocast_for(device: torch.device):

@@ -22,6 +22,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -209,11 +210,16 @@ class Suite:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench.suite: --device cuda but CUDA is not available here")
-    return torch.device(name)
+    """attenuation's device resolution, its errors as the suite's exit message. The package is
+    imported here with its warnings silenced: the suite may not have built the native extension
+    yet (its first step does), and that warning would only mislead."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from attenuation.devices import resolve_device as resolve
+    try:
+        return resolve(name)
+    except ValueError as error:
+        raise SystemExit(f"bench.suite: --device: {error}") from None
 
 
 def main(argv=None) -> int:

@@ -114,10 +114,12 @@ def test_report_contents(tmp_path):
     path = write_report(
         tmp_path / "report.md", title="VGG-16 / CIFAR-10", config={"lr": 0.1, "epochs": 3},
         data_source="shared/data/cifar10.npz (JPEG copy)", device="cpu", phases=_phases(),
-        summary=_summary(), plots=["curves.png", "filter_fates.png"], notes=["a note"],
+        latency_batch=64, summary=_summary(), plots=["curves.png", "filter_fates.png"],
+        notes=["a note"],
     )
     text = path.read_text()
     assert text.startswith("# VGG-16 / CIFAR-10")
+    assert "| latency (ms, batch 64) |" in text and "batch 256" not in text
     assert "| baseline | 93.50 | 14.7M | 313.2M | 9.80 | 600.0 |" in text
     assert "| attenuation | 91.00 | 14.7M | 313.2M | — | 800.0 |" in text
     assert "| finetune | 92.10 | 4.1M | 87.1M | 3.10 | 60.0 |" in text
@@ -135,8 +137,8 @@ def test_report_without_jpeg_note_or_latency(tmp_path):
     phases = [{"phase": "baseline", "accuracy": 93.5}]
     path = write_report(
         tmp_path / "report.md", title="t", config={}, data_source="cifar-10-batches-py",
-        device="cpu", phases=phases, summary=_summary(pruned={**PRUNED, "latency_ms": None}),
-        plots=[],
+        device="cpu", phases=phases, latency_batch=256,
+        summary=_summary(pruned={**PRUNED, "latency_ms": None}), plots=[],
     )
     text = path.read_text()
     assert "not directly comparable" not in text
@@ -147,8 +149,19 @@ def test_report_rejects_unknown_phase_keys(tmp_path):
     with pytest.raises(ValueError, match="test_acc"):
         write_report(
             tmp_path / "report.md", title="t", config={}, data_source="x", device="cpu",
-            phases=[{"phase": "baseline", "test_acc": 90.0}], summary=_summary(), plots=[],
+            phases=[{"phase": "baseline", "test_acc": 90.0}], latency_batch=1,
+            summary=_summary(), plots=[],
         )
+
+
+@pytest.mark.parametrize("batch", [0, -3, 2.5, True, None])
+def test_report_rejects_bad_latency_batch(tmp_path, batch):
+    with pytest.raises(ValueError, match="latency_batch"):
+        write_report(
+            tmp_path / "report.md", title="t", config={}, data_source="x", device="cpu",
+            phases=_phases(), latency_batch=batch, summary=_summary(), plots=[],
+        )
+    assert not (tmp_path / "report.md").exists()
 
 
 def _metrics(n_epochs):

@@ -1,14 +1,17 @@
 """The CIFAR-10 loop end to end on a tiny synthetic data set: outputs, exact resume, CLI errors."""
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
 import torch
 
+from attenuation.checkpoint import CHECKPOINT_FORMAT
 from attenuation.cli import main
-from attenuation.config import preset_config
+from attenuation.config import RunConfig, preset_config
 from attenuation.report import SUMMARY_KEYS
-from attenuation.run import Run, run
+from attenuation.run import OUTPUTS, Run, TrainingDiverged, run
 from attenuation.surgery import load_pruned
 
 
@@ -25,16 +28,24 @@ def tiny_npz(tmp_path_factory):
 
 
 def _config(tiny_npz, out, **overrides):
-    return preset_config("smoke", data=str(tiny_npz), out=str(out), train_subset=None, test_subset=None,
-                         batch_size=32, **overrides)
+    return preset_config("smoke", **{"data": str(tiny_npz), "out": str(out), "train_subset": None,
+                                     "test_subset": None, "batch_size": 32, **overrides})
 
 
-def test_smoke_run_writes_every_output(tiny_npz, tmp_path):
-    summary = run(_config(tiny_npz, tmp_path / "run"), progress=False)
+@pytest.fixture
+def umask_022():
+    saved = os.umask(0o022)
+    yield
+    os.umask(saved)
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_every_output(tiny_npz, tmp_path, umask_022):
+    summary = run(_config(tiny_npz, tmp_path / "run", latency_batch=8), progress=False)
     out = tmp_path / "run"
-    for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "model.pt", "report.md", "summary.json",
-                 "curves.png", "filter_fates.png", "fates.json"):
-        assert (out / name).is_file(), name
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)  # no temporary left either
+    for name in OUTPUTS:
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o644, name  # as open() would make it
     assert json.loads((out / "summary.json").read_text()) == summary
     assert list(summary) == list(SUMMARY_KEYS)
     assert summary["data_source"].startswith("npz file") and str(tiny_npz) in summary["data_source"]
@@ -47,10 +58,12 @@ def test_smoke_run_writes_every_output(tiny_npz, tmp_path):
     assert rows[0]["macs"] == summary["baseline"]["macs"] and rows[-1]["macs"] == summary["pruned"]["macs"]
     report = (out / "report.md").read_text()
     assert "| removal |" in report and "npz file" in report
+    assert "latency (ms, batch 8)" in report and "batch 256" not in report
     model = load_pruned(out / "model.pt")
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_after", [1, 2, 3])
 def test_resume_is_bitwise_exact(tiny_npz, tmp_path, stop_after):
     """Interrupted after the baseline, inside/after attenuation, and after physical removal."""
@@ -76,6 +89,90 @@ def test_resume_refuses_another_configuration(tiny_npz, tmp_path):
         Run(_config(tiny_npz, tmp_path / "run"), progress=False)
 
 
+def test_resume_of_a_checkpoint_older_than_the_schedule_fields(tiny_npz, tmp_path):
+    """Written before the schedule's constants became fields: read as their (unchanged) defaults."""
+    out = tmp_path / "run"
+    run(_config(tiny_npz, out), progress=False, stop_after_epochs=1)
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    for name in ("lr_warmup_fraction", "lr_warmup_start", "lr_pruning_fraction", "lr_finetune_fraction"):
+        del saved["config"][name]
+    torch.save(saved, out / "checkpoint.pt")
+    Run(_config(tiny_npz, out), resume=True, progress=False)
+    with pytest.raises(ValueError, match="another configuration: lr_warmup_start=0.1 \\(now 0.2\\)"):
+        Run(_config(tiny_npz, out, lr_warmup_start=0.2), resume=True, progress=False)
+
+
+def test_resume_removes_stale_temporaries(tiny_npz, tmp_path):
+    out = tmp_path / "run"
+    run(_config(tiny_npz, out), progress=False, stop_after_epochs=1)
+    stale = [out / ".checkpoint.pt.999999.tmp", out / "checkpoint.pt3kq_x1z.tmp", out / ".report.md.12.tmp"]
+    for path in stale:
+        path.write_bytes(b"a killed writer's half")
+    (out / "notes.tmp").write_text("not ours")
+    Run(_config(tiny_npz, out), resume=True, progress=False)
+    assert not any(path.exists() for path in stale) and (out / "notes.tmp").exists()
+
+
+@pytest.mark.parametrize("drop", ["config", "state", "optimizer", "format"])
+def test_resume_of_an_incomplete_checkpoint_names_what_is_missing(tiny_npz, tmp_path, drop):
+    out = tmp_path / "run"
+    run(_config(tiny_npz, out), progress=False, stop_after_epochs=1)
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    del saved[drop]
+    torch.save(saved, out / "checkpoint.pt")
+    message = f"lacks the checkpoint entries {drop}" if drop != "format" else CHECKPOINT_FORMAT
+    with pytest.raises(ValueError, match=message):
+        Run(_config(tiny_npz, out), resume=True, progress=False)
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tiny_npz, tmp_path):
+    """A finite but absurd rate in the attenuation phase: the baseline's checkpoint stays."""
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"diverged in the attenuation phase, epoch 1/1") as info:
+        run(_config(tiny_npz, out, lr_pruning_fraction=1e7), progress=False)
+    assert f"{out / 'checkpoint.pt'} holds the last good state" in str(info.value)
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert saved["state"]["phase_index"] == 1 and saved["state"]["global_epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in saved["model"].values() if t.is_floating_point())
+    assert [json.loads(line)["phase"] for line in (out / "metrics.jsonl").read_text().splitlines()] \
+        == ["baseline"]
+
+
+def test_batch_larger_than_the_training_set_is_refused_before_training(tiny_npz, tmp_path):
+    with pytest.raises(ValueError, match="batch_size 321 is larger than the 320 training images"):
+        Run(_config(tiny_npz, tmp_path / "run", batch_size=321), progress=False)
+    with pytest.raises(ValueError, match="batch_size 64 is larger than the 50 training images"):
+        Run(_config(tiny_npz, tmp_path / "run", batch_size=64, train_subset=50), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_lr_schedule_defaults_are_the_former_constants_bitwise():
+    """The constants moved from train.lr_at into RunConfig: a run with the defaults is unchanged."""
+    def former(phase, step, total, peak):  # train.lr_at before the move, verbatim
+        progress = step / max(total, 1)
+        if phase == "baseline":
+            warm = 0.15
+            return peak * (0.1 + 0.9 * progress / warm) if progress < warm else peak * (1 - progress) / (1 - warm)
+        if phase == "attenuation":
+            return 0.4 * peak
+        if phase == "recovery":
+            return 0.4 * peak * (1 - progress)
+        return 0.1 * peak * (1 - progress)
+
+    for peak in (0.2, 0.1, 0.05 * (1 + torch.rand(()).item())):
+        schedule = RunConfig(lr=peak).lr_schedule()
+        for phase in ("baseline", "attenuation", "recovery", "finetune"):
+            for total in (1, 7, 1564):
+                for step in range(total):
+                    assert schedule.at(phase, step, total) == former(phase, step, total, peak)
+    changed = RunConfig(lr=1.0, lr_warmup_fraction=0.5, lr_warmup_start=0.0, lr_pruning_fraction=0.3,
+                        lr_finetune_fraction=0.05).lr_schedule()
+    assert changed.at("baseline", 0, 10) == 0.0 and changed.at("baseline", 5, 10) == 1.0
+    assert changed.at("attenuation", 3, 10) == 0.3 and changed.at("recovery", 0, 10) == 0.3
+    assert changed.at("finetune", 0, 10) == 0.05
+
+
+@pytest.mark.slow
 def test_cli_runs_and_reports_bad_input(tiny_npz, tmp_path, capsys):
     assert main(["run", "--preset", "smoke", "--data", str(tiny_npz), "--out", str(tmp_path / "cli"),
                  "--no-progress", "--method", "hard"]) == 0
