@@ -1,6 +1,7 @@
 """The ops facade and its reference backend, checked against plain-Python statements of the rule."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -178,8 +179,10 @@ def test_select_weak_global_validates():
 def test_backends_without_select_weak_global_run_the_reference(monkeypatch):
     from types import SimpleNamespace
 
-    from attenuation.ops import backends
-    monkeypatch.setitem(backends._BACKENDS, "bare", SimpleNamespace())
+    from attenuation.ops import backends, reference
+    monkeypatch.setattr(backends, "_BACKENDS", dict(backends._BACKENDS))  # the registration is undone
+    five = ("filter_norms", "select_weak", "attenuate_", "zero_removed_", "masked_conv2d")
+    backends.register_backend("bare", SimpleNamespace(**{op: getattr(reference, op) for op in five}), device_types=())
     scores, removed, counts = _global_problem(0)
     expected = ops.select_weak_global(scores, removed, counts, 11, backend="reference")
     for name in ("bare", *backends.available_backends()):
@@ -386,3 +389,135 @@ def test_flat_vectors_and_back():
     assert [[t is None for t in row] for row in rows] == [[False, True, False, True, True],
                                                            [True, False, False, True, True]]
     assert torch.equal(rows[0][0], a) and torch.equal(rows[1][1], b) and torch.equal(rows[1][2], d)
+
+
+# ------------------------------------------------------------------- one validation, every backend
+
+BACKENDS = ops.available_backends()
+
+
+def _unchanged(tensors, before):
+    return all(torch.equal(t, b) for t, b in zip(tensors, before))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("factor,eps,restore,error,match", [
+    (0.5, math.nan, False, ValueError, "eps must be finite"), (0.5, math.inf, False, ValueError, "eps must be finite"),
+    (math.nan, 0.1, False, ValueError, "factor must be finite"), (-math.inf, 0.1, False, ValueError, "factor"),
+    ("0.5", 0.1, False, TypeError, "factor must be a number"), (0.5, None, False, TypeError, "eps must be a number"),
+    (True, 0.1, False, TypeError, "factor"), (0.5, 0.1, 1, TypeError, "restore must be True or False")])
+def test_attenuate_refuses_bad_scalars_before_any_backend(backend, factor, eps, restore, error, match):
+    weights, biases, gammas, betas = _layers()
+    status = torch.tensor([0, 1, 1, 0, 0, 1, 0], dtype=torch.uint8)
+    mult = torch.tensor([1, .5, .02, 1, 1, .5, 1])
+    weak = torch.ones(7, dtype=torch.bool)
+    state = [*weights, *gammas, *betas, biases[0], status, mult]
+    before = [t.clone() for t in state]
+    with pytest.raises(error, match=match):
+        ops.attenuate_(weights, biases, gammas, betas, weak, status, mult, factor, eps, restore, backend=backend)
+    assert _unchanged(state, before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attenuate_and_zero_removed_refuse_bad_tensors(backend):
+    weights, biases, gammas, betas = _layers()
+    status, mult, weak = torch.zeros(7, dtype=torch.uint8), torch.ones(7), torch.zeros(7, dtype=torch.bool)
+    with pytest.raises(ValueError, match="layer 0 bias must be floating"):
+        ops.attenuate_(weights, [torch.ones(4, dtype=torch.int64), None], gammas, betas, weak, status, mult, 0.5, 0.1,
+                       backend=backend)
+    with pytest.raises(ValueError, match="weight 1 must be a floating tensor"):
+        ops.zero_removed_([weights[0], weights[1].long()], biases, gammas, betas, status, backend=backend)
+    with pytest.raises(ValueError, match=r"layer 1 running mean must be floating of shape \(3,\)"):
+        ops.attenuate_(weights, biases, gammas, betas, weak, status, mult, 0.5, 0.1,
+                       running_means=[None, torch.ones(4)], backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("counts,ks,error,match", [
+    ([2, 3], torch.tensor([1.0, 1.0]), ValueError, "ks must be an integer tensor"),
+    ([2, 3], torch.tensor([True, False]), ValueError, "ks must be an integer tensor"),
+    ([2, 3], [1, 1.5], TypeError, "ks must be an int"), ([2, 3], [1, True], TypeError, "ks must be an int"),
+    ([2, 3], [-1, 1], ValueError, r"ks\[0\] = -1 is outside \[0, 2\]"),
+    ([2, 3], torch.tensor([2, 4]), ValueError, r"ks\[1\] = 4 is outside \[0, 3\]"),
+    ([2, 3], torch.tensor([[1, 1]]), ValueError, "2 ks for 2 layers"),
+    ([2, 3.0], [1, 1], TypeError, "counts must be an int"), ([True, 4], [1, 1], TypeError, "counts")])
+def test_select_weak_refuses_bad_ks_and_counts(backend, counts, ks, error, match):
+    with pytest.raises(error, match=match):
+        ops.select_weak(torch.rand(5), torch.zeros(5, dtype=torch.bool), counts, ks, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_selection_refuses_integer_scores(backend):
+    with pytest.raises(ValueError, match="scores must be floating"):
+        ops.select_weak(torch.arange(5), torch.zeros(5, dtype=torch.bool), [2, 3], [1, 1], backend=backend)
+    with pytest.raises(ValueError, match="scores must be floating"):
+        ops.select_weak_global(torch.arange(5), torch.zeros(5, dtype=torch.bool), [2, 3], 1, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed", range(3))
+def test_select_weak_bounds_and_integer_kinds_agree_on_every_backend(backend, seed):
+    """k = 0 and k = n are valid; ks as a list, numpy ints, an int32 or int64 tensor: one result."""
+    g = torch.Generator().manual_seed(seed)
+    counts = [1, 7, 0, 13, 4]
+    scores = torch.randint(0, 4, (sum(counts),), generator=g).float()
+    removed = torch.rand(sum(counts), generator=g) < 0.2
+    for ks in ([0, 7, 0, 13, 0], [1, 0, 0, 6, 4]):
+        expected = _naive_select(scores.tolist(), removed.tolist(), counts, ks)
+        for form in (ks, np.array(ks), torch.tensor(ks, dtype=torch.int32), torch.tensor(ks)):
+            assert ops.select_weak(scores, removed, counts, form, backend=backend).tolist() == expected
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["out_index", "in_index"])
+@pytest.mark.parametrize("index,match", [
+    ([-1, 2], "strictly increasing channel indices in"), ([0, 5], "in \\[0, 5\\)"), ([1, 1, 3], "strictly increasing"),
+    ([3, 1], "strictly increasing"), ([[0, 1]], "1-D int64"), (torch.tensor([0, 1], dtype=torch.int32), "1-D int64")])
+def test_masked_conv2d_refuses_bad_index_lists(backend, name, index, match):
+    x, w = torch.randn(2, 5, 6, 6), torch.randn(5, 5, 3, 3)
+    index = index if isinstance(index, torch.Tensor) else torch.tensor(index)
+    with pytest.raises(ValueError, match=f"{name} must be .*{match}"):
+        ops.masked_conv2d(x, w, None, **{name: index}, padding=1, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_conv2d_refuses_bad_vectors_dtypes_and_groups(backend):
+    x, w, b = torch.randn(2, 4, 6, 6), torch.randn(6, 4, 3, 3), torch.randn(6)
+    cases = [
+        (dict(bias=torch.randn(5)), ValueError, r"bias must be floating of shape \(6,\)"),
+        (dict(scale=torch.randn(7)), ValueError, r"scale must be floating of shape \(6,\)"),
+        (dict(bias=torch.ones(6, dtype=torch.int64)), ValueError, "bias must be floating"),
+        (dict(bias=b.double()), ValueError, "bias must have the input's dtype"),
+        (dict(x=x.double()), ValueError, "input and weight must have the same dtype"),
+        (dict(x=x.long()), ValueError, "input and weight must be floating"),
+        (dict(groups=2, w=torch.randn(6, 2, 3, 3), out_index=torch.tensor([0, 1])), ValueError, "index lists need groups == 1, got groups=2"),
+        (dict(groups=4, w=torch.randn(6, 1, 3, 3)), ValueError, "groups must be >= 1 and divide the 6"),
+        (dict(groups=2.0, w=torch.randn(6, 2, 3, 3)), TypeError, "groups must be an int"),
+    ]
+    for change, error, match in cases:
+        args = {**dict(x=x, w=w, bias=None, scale=None, out_index=None, in_index=None, groups=1), **change}
+        with pytest.raises(error, match=match):
+            ops.masked_conv2d(args["x"], args["w"], args["bias"], args["out_index"], args["in_index"], args["scale"],
+                              padding=1, groups=args["groups"], backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_conv2d_valid_edge_cases_agree_on_every_backend(backend):
+    """Empty and full index lists, grouped convolution without lists, mixed dtypes under autocast."""
+    g = torch.Generator().manual_seed(4)
+    x, w, b = torch.randn(2, 4, 6, 6, generator=g), torch.randn(6, 4, 3, 3, generator=g), torch.randn(6, generator=g)
+    empty, full = torch.zeros(0, dtype=torch.int64), torch.arange(6)
+    expected = _dense_masked(x, w, b, torch.ones(6), None, None, padding=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # a backend may say once that it runs the reference for a case
+        torch.testing.assert_close(ops.masked_conv2d(x, w, b, full, torch.arange(4), None, padding=1,
+                                                     backend=backend), expected)
+        assert not ops.masked_conv2d(x, w, b, empty, None, None, padding=1, backend=backend).any()
+        torch.testing.assert_close(ops.masked_conv2d(x, w, b, None, empty, None, padding=1, backend=backend),
+                                   b.view(1, 6, 1, 1).expand(2, 6, 6, 6))
+        wg = torch.randn(6, 2, 3, 3, generator=g)
+        torch.testing.assert_close(ops.masked_conv2d(x, wg, b, None, None, None, padding=1, groups=2, backend=backend),
+                                   F.conv2d(x, wg, b, padding=1, groups=2))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = ops.masked_conv2d(x.bfloat16(), w, b, torch.tensor([1, 4]), None, None, padding=1, backend=backend)
+        assert y.dtype == torch.bfloat16
