@@ -1,16 +1,11 @@
-"""attenuation_triton: Triton kernels for the ``attenuation`` ops (installed from the kernels/ folder).
+"""attenuation_triton: Triton kernels for the attenuation ops, each with a thin launcher (installed
+from the kernels/ folder).
 
-``backend`` is the backend object (the module :mod:`attenuation_triton.backend`) registered as
-``"triton"`` by :mod:`attenuation.ops.backends`, or None when triton cannot be imported. Importing
-this package never fails for lack of triton.
+The kernels and their launchers take tensors, device tables and plain values, and import nothing
+but torch and triton: the adapter to the ops facade (custom ops, plan caches, fallbacks) lives in
+the Python package that uses them. Modules: ``filter_norms``, ``select_weak``,
+``select_weak_global``, ``attenuate`` (model-wide kernels over a table of layers, whose prologue is
+``layer_table``), ``masked_conv2d_kernels`` and their launchers ``masked_conv2d`` (the masked
+convolution, with the run-time tile choice of ``tuning``), and ``runtime`` (how Triton runs them).
+Importing the package itself needs no triton; importing a module of it does.
 """
-try:
-    import triton  # noqa: F401
-except Exception as error:  # not installed, or a broken install: no triton backend
-    backend = None
-    IMPORT_ERROR: "Exception | None" = error
-else:
-    from . import backend
-    IMPORT_ERROR = None
-
-__all__ = ["backend", "IMPORT_ERROR"]

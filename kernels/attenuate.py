@@ -4,8 +4,9 @@ One program per block of ``BLOCK_F`` filters of one layer (a block table maps pr
 (layer, first filter)). Each program
 
 1. reads its filters' status / multiplier / weak flag from the flat per-filter state and applies
-   the reference rule (``attenuation.ops.reference.attenuate_``) to get each filter's scale
-   (``ZERO_ONLY``: scale = 0 for removed filters, 1 otherwise, the state is left alone);
+   the rule of the reference implementation's ``attenuate_`` to get each filter's scale
+   (``ZERO_ONLY``: scale = 0 for removed filters, 1 otherwise, the state is left alone). The
+   status codes are the caller's, compile-time constants of the launch (ACTIVE, WEAK, REMOVED);
 2. writes the new status and multiplier and the ``returned`` / ``newly_removed`` masks;
 3. multiplies the filter's bias, BN gamma, beta and running mean by the scale and the running
    variance by its square, then the filter's weight row, block by block. Rows whose scale is
@@ -26,8 +27,7 @@ import triton
 import triton.language as tl
 
 from .layer_table import program_filters
-
-ACTIVE, WEAK, REMOVED = 0, 1, 2  # = attenuation.ops.reference's codes (checked by the tests)
+from .runtime import TL_DTYPES
 
 # Columns of a layer row of the table: flat offset of the first filter, number of filters, weight
 # row length, weight address, weight filter stride, then (address, stride, present) per vector.
@@ -79,21 +79,22 @@ def attenuate_kernel(layers_ptr, blocks_ptr, status_ptr, mult_ptr, weak_ptr, ret
                      factor, eps,
                      W_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
                      BT_DTYPE: tl.constexpr, RM_DTYPE: tl.constexpr, RV_DTYPE: tl.constexpr,
+                     ACTIVE: tl.constexpr, WEAK: tl.constexpr, REMOVED: tl.constexpr,
                      ZERO_ONLY: tl.constexpr, RESTORE: tl.constexpr, NCOL: tl.constexpr,
                      BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr):
     row, start, K, f, fmask = program_filters(layers_ptr, blocks_ptr, NCOL, BLOCK_F)  # K: weight row length
     flat = start + f
     status = tl.load(status_ptr + flat, mask=fmask, other=0)
     if ZERO_ONLY:
-        scale = tl.where(status == 2, 0.0, 1.0)
+        scale = tl.where(status == REMOVED, 0.0, 1.0)
     else:
         mult = tl.load(mult_ptr + flat, mask=fmask, other=1.0)
         weak = tl.load(weak_ptr + flat, mask=fmask, other=0) != 0
-        was_removed = status == 2
+        was_removed = status == REMOVED
         hit = weak & ~was_removed
         new_mult = tl.where(hit, mult * factor, 1.0)
         newly = hit & (new_mult < eps)
-        returned = (status == 1) & ~weak
+        returned = (status == WEAK) & ~weak
         removed = was_removed | newly
         kept = tl.where(hit, factor, 1.0)
         if RESTORE:
@@ -101,7 +102,7 @@ def attenuate_kernel(layers_ptr, blocks_ptr, status_ptr, mult_ptr, weak_ptr, ret
             kept = tl.where(undo, tl.math.div_rn(tl.full([BLOCK_F], 1.0, tl.float32),
                                                  tl.maximum(mult, 1e-30)), kept)
         scale = tl.where(removed, 0.0, kept)
-        new_status = tl.where(removed, 2, tl.where(weak, 1, 0))
+        new_status = tl.where(removed, REMOVED, tl.where(weak, WEAK, ACTIVE))
         tl.store(status_ptr + flat, new_status.to(tl.uint8), mask=fmask)
         tl.store(mult_ptr + flat, tl.where(removed, 0.0, new_mult), mask=fmask)
         tl.store(returned_ptr + flat, returned.to(tl.uint8), mask=fmask)
@@ -129,14 +130,17 @@ def attenuate_kernel(layers_ptr, blocks_ptr, status_ptr, mult_ptr, weak_ptr, ret
 
 
 def launch(layers, blocks, status, multiplier, weak_u8, returned_u8, newly_u8, n_blocks: int,
-           factor: float, eps: float, dtypes, zero_only: bool, restore: bool,
+           factor: float, eps: float, dtypes, codes, zero_only: bool, restore: bool,
            block_f: int, block_k: int) -> None:
-    """``dtypes``: triton dtypes of (weight, bias, gamma, beta, running mean, running var) of every
-    layer in the table. With ``zero_only`` the multiplier / weak / returned / newly arguments are
-    not touched (any tensor of the device will do)."""
-    w, b, g, bt, rm, rv = dtypes
+    """``dtypes``: torch dtypes of (weight, bias, gamma, beta, running mean, running var) of every
+    layer in the table (any of the kernels' dtypes for a vector no layer has); ``codes``: the
+    status codes (active, weak, removed) that ``status`` holds. With ``zero_only`` the multiplier /
+    weak / returned / newly arguments are not touched (any tensor of the device will do)."""
+    w, b, g, bt, rm, rv = (TL_DTYPES[dtype] for dtype in dtypes)
+    active, weak, removed = (int(code) for code in codes)
     attenuate_kernel[(n_blocks,)](layers, blocks, status, multiplier, weak_u8, returned_u8, newly_u8,
                                   float(factor), float(eps),
                                   W_DTYPE=w, B_DTYPE=b, G_DTYPE=g, BT_DTYPE=bt, RM_DTYPE=rm, RV_DTYPE=rv,
+                                  ACTIVE=active, WEAK=weak, REMOVED=removed,
                                   ZERO_ONLY=bool(zero_only), RESTORE=bool(restore), NCOL=NCOL,
                                   BLOCK_F=block_f, BLOCK_K=block_k)

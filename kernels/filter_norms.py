@@ -5,7 +5,7 @@ The weights are not kernel arguments: a device table holds, per layer, the weigh
 stride, and where its norms start in the flat output. A second table maps each program to
 (layer, first filter): one program per block of ``BLOCK_F`` filters of one layer, over all layers.
 
-Layout contract (checked on the host, see ``backend.py``): each filter's elements fill one dense
+Layout contract (the caller's to meet): each filter's elements fill one dense
 block of ``K`` elements starting at ``base + f * filter_stride`` (any order inside the block, so
 contiguous, channels-last and inner-transposed weights are read in place). Norms accumulate in
 float32 whatever the weight dtype; one launch handles one weight dtype (``DTYPE`` is a
@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .layer_table import program_filters
+from .runtime import TL_DTYPES
 
 # Columns of a layer row of the table: output offset, number of filters, row length K, weight
 # address, filter stride (elements).
@@ -57,6 +58,6 @@ def filter_norms_kernel(layers_ptr, blocks_ptr, out_ptr,
 
 def launch(layers, blocks, out, n_blocks: int, dtype, ord: str, block_f: int, block_k: int) -> None:
     """``layers``: int64 device table, NCOL columns per layer; ``blocks``: (layer, first filter)
-    per program; ``dtype``: the triton dtype of every weight in the table."""
-    filter_norms_kernel[(n_blocks,)](layers, blocks, out, DTYPE=dtype, ORD=ORD_CODES[ord], NCOL=NCOL,
-                                     BLOCK_F=block_f, BLOCK_K=block_k)
+    per program; ``out``: flat float32; ``dtype``: the torch dtype of every weight in the table."""
+    filter_norms_kernel[(n_blocks,)](layers, blocks, out, DTYPE=TL_DTYPES[dtype], ORD=ORD_CODES[ord],
+                                     NCOL=NCOL, BLOCK_F=block_f, BLOCK_K=block_k)

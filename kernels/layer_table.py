@@ -1,7 +1,7 @@
 """The layer tables of the model-wide kernels: what every program reads first. A launch gets an
 int64 table with one row of NCOL entries per layer (its first two: the layer's flat filter offset
 and its filter count; for filter_norms and attenuate the third is its weight row length) and a
-block table of (layer, first filter) pairs, one per program (see backend._tables)."""
+block table of (layer, first filter) pairs, one per program, both built by the caller."""
 import triton
 import triton.language as tl
 

@@ -1,13 +1,13 @@
 """Over all layers, the n_weak lowest filters by score relative to their layer's mean live score,
-every layer keeping one filter: a flat mask in one launch (the rule of the reference's
-``select_weak_global``).
+every layer keeping one filter: a flat mask in one launch (the rule of the reference
+implementation's ``select_weak_global``).
 
 A filter's key is (removed first, normalised score, flat index), compared by ``_precedes`` (NaN
 after every number, -0.0 equal to 0.0); normalised = score / its layer's mean live score (clamped
-at MIN_LAYER_MEAN), -inf for removed filters. A filter is selected iff its rank over the whole
-model is < n_weak and its rank within its layer is < n - 1. This is the reference's three steps
-(the n_weak lowest of the model, counted per layer, each count clamped to n - 1, then the per-layer
-selection) because the model's order restricted to a layer is the layer's own order: the chosen
+at MIN_MEAN, given by the caller), -inf for removed filters. A filter is selected iff its rank over
+the whole model is < n_weak and its rank within its layer is < n - 1. This is the reference's
+three steps (the n_weak lowest of the model, counted per layer, each count clamped to n - 1, then
+the per-layer selection) because the model's order restricted to a layer is the layer's own order: the chosen
 filters of a layer are a prefix of its order, and the clamp drops only its last filter, when all
 of the layer was chosen.
 
@@ -24,12 +24,10 @@ import triton.language as tl
 from .layer_table import program_layer
 from .select_weak import NCOL, _precedes, load_keys
 
-MIN_LAYER_MEAN = tl.constexpr(1e-12)  # = attenuation.ops.reference.MIN_LAYER_MEAN (checked by the tests)
-
 
 @triton.jit
-def _layer_mean(scores_ptr, removed_ptr, start, n, BLOCK: tl.constexpr):
-    """Mean score of the layer's live filters (0 when none), at least MIN_LAYER_MEAN; NaN stays NaN.
+def _layer_mean(scores_ptr, removed_ptr, start, n, MIN_MEAN: tl.constexpr, BLOCK: tl.constexpr):
+    """Mean score of the layer's live filters (0 when none), at least MIN_MEAN; NaN stays NaN.
     Divisions round to nearest, as torch's do (Triton's ``/`` may approximate on a GPU)."""
     total = tl.zeros([BLOCK], dtype=tl.float32)
     live = tl.zeros([BLOCK], dtype=tl.int32)
@@ -41,7 +39,7 @@ def _layer_mean(scores_ptr, removed_ptr, start, n, BLOCK: tl.constexpr):
         total += tl.where(counted, s, 0.0)
         live += counted.to(tl.int32)
     mean = tl.math.div_rn(tl.sum(total, axis=0), tl.maximum(tl.sum(live, axis=0), 1).to(tl.float32))
-    return tl.where(mean < MIN_LAYER_MEAN, MIN_LAYER_MEAN, mean)
+    return tl.where(mean < MIN_MEAN, MIN_MEAN, mean)
 
 
 @triton.jit
@@ -53,20 +51,21 @@ def _normalised(scores_ptr, removed_ptr, flat, mask, mean):
 
 @triton.jit(do_not_specialize=["n_weak"])
 def select_weak_global_kernel(layers_ptr, blocks_ptr, n_layers, scores_ptr, removed_ptr, n_weak, out_ptr,
-                              NCOL: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+                              MIN_MEAN: tl.constexpr, NCOL: tl.constexpr, BLOCK_I: tl.constexpr,
+                              BLOCK_J: tl.constexpr):
     layer, i0, start, n = program_layer(layers_ptr, blocks_ptr, NCOL)
 
     i = i0 + tl.arange(0, BLOCK_I)
     imask = i < n
     flat_i = start + i
     r_i, s_i = _normalised(scores_ptr, removed_ptr, flat_i, imask,
-                           _layer_mean(scores_ptr, removed_ptr, start, n, BLOCK_J))
+                           _layer_mean(scores_ptr, removed_ptr, start, n, MIN_MEAN, BLOCK_J))
     model_rank = tl.zeros([BLOCK_I], dtype=tl.int32)
     layer_rank = tl.zeros([BLOCK_I], dtype=tl.int32)
     for other in range(0, n_layers):
         other_start = tl.load(layers_ptr + other * NCOL)
         other_n = tl.load(layers_ptr + other * NCOL + 1)
-        mean = _layer_mean(scores_ptr, removed_ptr, other_start, other_n, BLOCK_J)
+        mean = _layer_mean(scores_ptr, removed_ptr, other_start, other_n, MIN_MEAN, BLOCK_J)
         for j0 in range(0, other_n, BLOCK_J):
             j = j0 + tl.arange(0, BLOCK_J)
             jmask = j < other_n
@@ -82,8 +81,10 @@ def select_weak_global_kernel(layers_ptr, blocks_ptr, n_layers, scores_ptr, remo
 
 
 def launch(layers, blocks, n_layers: int, scores, removed_u8, n_weak: int, out_u8, n_blocks: int,
-           block_i: int, block_j: int) -> None:
+           min_layer_mean: float, block_i: int, block_j: int) -> None:
     """``layers``: the select table (NCOL columns: flat offset, filter count) of every layer;
-    ``scores``: flat float32; ``removed_u8`` / ``out_u8``: flat uint8 (bool viewed as bytes)."""
+    ``scores``: flat float32; ``removed_u8`` / ``out_u8``: flat uint8 (bool viewed as bytes);
+    ``min_layer_mean``: the clamp of the layer means (a compile-time constant)."""
     select_weak_global_kernel[(n_blocks,)](layers, blocks, n_layers, scores, removed_u8, n_weak, out_u8,
-                                           NCOL=NCOL, BLOCK_I=block_i, BLOCK_J=block_j)
+                                           MIN_MEAN=float(min_layer_mean), NCOL=NCOL, BLOCK_I=block_i,
+                                           BLOCK_J=block_j)

@@ -1,4 +1,5 @@
-"""The Triton backend (kernels/, package ``attenuation_triton``) against the reference backend.
+"""The triton backend (attenuation/ops/triton/, running the kernels of kernels/, the package
+``attenuation_triton``) against the reference backend.
 
 Without a GPU the kernels run under Triton's interpreter on CPU tensors (tests/conftest.py sets
 TRITON_INTERPRET=1 before triton is imported); with a GPU and no TRITON_INTERPRET they run compiled
@@ -7,10 +8,10 @@ output is poisoned (NaN / 0x5A bytes) so that an element a kernel forgets to wri
 """
 import math
 import os
-import pathlib
 import subprocess
 import sys
 import textwrap
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -18,56 +19,45 @@ import torch
 from attenuation import ops
 from attenuation.ops import backends, reference
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-_LOAD_SOURCE_TREE = textwrap.dedent(f"""
-    import importlib.util, sys
-    try:
-        import attenuation_triton
-    except ImportError:  # an editable install made before kernels/ existed: load it from the tree
-        spec = importlib.util.spec_from_file_location(
-            "attenuation_triton", {str(ROOT / "kernels" / "__init__.py")!r},
-            submodule_search_locations=[{str(ROOT / "kernels")!r}])
-        attenuation_triton = importlib.util.module_from_spec(spec)
-        sys.modules["attenuation_triton"] = attenuation_triton
-        spec.loader.exec_module(attenuation_triton)
-""")
-
 
 def _triton_backend():
-    """(backend module, None) or (None, why the tests are skipped)."""
+    """(backend package, its host module, None) or (None, None, why the tests are skipped)."""
     try:
         import triton  # noqa: F401
     except Exception as error:
-        return None, f"triton cannot be imported ({error}): no triton backend to test"
+        return None, None, f"triton cannot be imported ({error}): no triton backend to test"
     if "triton" not in ops.available_backends():
-        exec(_LOAD_SOURCE_TREE, {})
-        if not backends.register_triton_backend():
-            return None, "attenuation_triton did not register a triton backend"
-    module = sys.modules["attenuation_triton"].backend
-    if not module.INTERPRET and not torch.cuda.is_available():
-        return None, "no GPU and TRITON_INTERPRET is not set: the kernels cannot run"
-    return module, None
+        return None, None, "the triton backend is not registered"
+    from attenuation.ops import triton as backend
+    from attenuation.ops.triton import host
+    if not backend.INTERPRET and not torch.cuda.is_available():
+        return None, None, "no GPU and TRITON_INTERPRET is not set: the kernels cannot run"
+    return backend, host, None
 
 
-B, _SKIP = _triton_backend()
+B, H, _SKIP = _triton_backend()
 pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 DEVICE = torch.device("cpu" if B is None or B.INTERPRET else "cuda")
 POISON_BYTE = 0x5A
+
+
+def poison(shape, dtype, device):
+    """A fresh output full of NaN (floats) or POISON_BYTE (integers)."""
+    if dtype.is_floating_point:
+        return torch.full(shape, math.nan, dtype=dtype, device=device)
+    return torch.full(shape, POISON_BYTE, dtype=dtype, device=device)
 
 
 @pytest.fixture(autouse=True)
 def _small_blocks_poisoned_outputs(monkeypatch):
     if B is None:
         return
-    monkeypatch.setattr(B, "TUNING", dict(norms_tile=64, norms_max_block_k=16, attenuate_block_f=4,
-                                          attenuate_block_k=16, select_block_i=4, select_block_j=8))
-
-    def poisoned(shape, dtype, device):
-        if dtype.is_floating_point:
-            return torch.full(shape, math.nan, dtype=dtype, device=device)
-        return torch.full(shape, POISON_BYTE, dtype=dtype, device=device)
-    monkeypatch.setattr(B, "_empty", poisoned)
+    small = dict(norms_tile=64, norms_max_block_k=16, attenuate_block_f=4, attenuate_block_k=16,
+                 select_block_i=4, select_block_j=8)
+    assert small.keys() == H.TUNING.keys()
+    for name, value in small.items():
+        monkeypatch.setitem(H.TUNING, name, value)
+    monkeypatch.setattr(H, "_empty", poison)
 
 
 def _assert_mask(got, expected):
@@ -80,14 +70,13 @@ def _assert_mask(got, expected):
 
 def test_registered_but_not_preferred():
     assert "triton" in ops.available_backends()
-    assert backends._BACKENDS["triton"] is B
+    registered = backends._BACKENDS["triton"]
+    for name in ("filter_norms", "select_weak", "select_weak_global", "attenuate_", "zero_removed_", "masked_conv2d"):
+        assert getattr(registered, name) is getattr(B, name), name
     for device_type, order in backends._PREFERENCE.items():
         assert order[0] != "triton", f"triton must not be the default for {device_type} before it is measured"
     assert ("triton" in backends._PREFERENCE["cpu"]) == B.INTERPRET
     assert "triton" in backends._PREFERENCE["cuda"]
-    assert (B.ACTIVE, B.WEAK, B.REMOVED) == (reference.ACTIVE, reference.WEAK, reference.REMOVED)
-    for name in ("filter_norms", "select_weak", "attenuate_", "zero_removed_", "masked_conv2d"):
-        assert callable(getattr(B, name))
 
 
 def test_rejects_tensors_of_the_wrong_device():
@@ -97,11 +86,16 @@ def test_rejects_tensors_of_the_wrong_device():
 
 
 def test_import_without_triton_leaves_no_triton_backend():
-    code = "import sys\nsys.modules['triton'] = None\n" + _LOAD_SOURCE_TREE + textwrap.dedent("""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules['triton'] = None
         import attenuation.ops as ops
-        assert attenuation_triton.backend is None and attenuation_triton.IMPORT_ERROR is not None
+        import attenuation_triton          # the package itself needs no triton
         assert 'triton' not in ops.available_backends(), ops.available_backends()
-        print('ok')
+        try:
+            import attenuation_triton.filter_norms
+        except ImportError:
+            print('ok')
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
@@ -110,11 +104,12 @@ def test_import_without_triton_leaves_no_triton_backend():
 def test_kernels_compile_for_a_gpu_target(tmp_path):
     """The interpreter is more lenient than the compiler: compile every kernel for sm_90 (no GPU
     needed, triton ships ptxas) so that typing errors show up before a GPU does."""
-    code = _LOAD_SOURCE_TREE + textwrap.dedent("""
+    code = textwrap.dedent("""
         import triton, triton.language as tl
         from triton.compiler import ASTSource
         from triton.backends.compiler import GPUTarget
         from attenuation_triton import attenuate, filter_norms, select_weak
+        from attenuation.ops.status import ACTIVE, REMOVED, WEAK
         target = GPUTarget("cuda", 90, 32)
         def build(kernel, pointers, scalars, constants):
             signature = {**pointers, **scalars, **{name: "constexpr" for name in constants}}
@@ -131,8 +126,8 @@ def test_kernels_compile_for_a_gpu_target(tmp_path):
                                              tl.float32)), (True, (tl.float32,) * 6)):
             names = ("W_DTYPE", "B_DTYPE", "G_DTYPE", "BT_DTYPE", "RM_DTYPE", "RV_DTYPE")
             build(attenuate.attenuate_kernel, {**tables, **state}, {"factor": "fp32", "eps": "fp32"},
-                  dict(zip(names, dtypes), ZERO_ONLY=zero_only, RESTORE=True, NCOL=attenuate.NCOL,
-                       BLOCK_F=32, BLOCK_K=128))
+                  dict(zip(names, dtypes), ACTIVE=ACTIVE, WEAK=WEAK, REMOVED=REMOVED, ZERO_ONLY=zero_only, RESTORE=True,
+                       NCOL=attenuate.NCOL, BLOCK_F=32, BLOCK_K=128))
         print("ok")
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -186,8 +181,8 @@ def test_filter_norms_mixed_dtypes_and_non_finite_values():
 
 
 def test_filter_norms_long_rows_and_many_filters(monkeypatch):
-    monkeypatch.setitem(B.TUNING, "norms_tile", 256)
-    monkeypatch.setitem(B.TUNING, "norms_max_block_k", 32)
+    monkeypatch.setitem(H.TUNING, "norms_tile", 256)
+    monkeypatch.setitem(H.TUNING, "norms_max_block_k", 32)
     g = torch.Generator().manual_seed(3)
     weights = [torch.randn(67, 8, 3, 3, generator=g).to(DEVICE), torch.randn(33, 300, generator=g).to(DEVICE)]
     for ord in ("l1", "l2", "linf"):
@@ -218,7 +213,10 @@ def test_select_weak_k_bounds(k):
     scores = torch.rand(total, generator=g).to(DEVICE)
     removed = (torch.rand(total, generator=g) < 0.3).to(DEVICE)
     ks = torch.tensor([{"zero": 0, "all": n, "beyond": n + 3}[k] for n in COUNTS], device=DEVICE)
-    got = ops.select_weak(scores, removed, COUNTS, ks, backend="triton")
+    if k == "beyond":   # the facade refuses ks beyond a layer's size; the kernel selects the whole layer
+        got = B.select_weak(scores, removed, COUNTS, ks)
+    else:
+        got = ops.select_weak(scores, removed, COUNTS, ks, backend="triton")
     _assert_mask(got, torch.full((total,), k != "zero", device=DEVICE))
 
 
@@ -281,7 +279,11 @@ def _clone(layers):
 
 def _call_attenuate(layers, weak, status, multiplier, factor, eps, restore, backend):
     w, b, g, bt, m, v = (list(column) for column in zip(*layers))
-    return ops.attenuate_(w, b, g, bt, weak, status, multiplier, factor, eps, restore, m, v, backend=backend)
+    if math.isfinite(eps):
+        return ops.attenuate_(w, b, g, bt, weak, status, multiplier, factor, eps, restore, m, v, backend=backend)
+    # the facade refuses eps = inf; the backends still follow the rule (every weak filter is removed)
+    implementation = B if backend == "triton" else reference
+    return implementation.attenuate_(w, b, g, bt, weak, status, multiplier, factor, eps, restore, m, v)
 
 
 def _assert_same_tensors(got, expected):
@@ -416,9 +418,9 @@ def test_launch_plans_are_reused_per_layout_and_rebuilt_when_it_changes(monkeypa
     plan that holds copies (weights the kernel cannot read in place) is never reused."""
     builds = []
     for name in ("_norms_plan", "_scale_plan"):
-        real = getattr(B, name)
-        monkeypatch.setattr(B, name, lambda *args, _real=real, _name=name: builds.append(_name) or _real(*args))
-    monkeypatch.setattr(B, "_PLAN_CACHE", type(B._PLAN_CACHE)())
+        real = getattr(H, name)
+        monkeypatch.setattr(H, name, lambda *args, _real=real, _name=name: builds.append(_name) or _real(*args))
+    monkeypatch.setattr(H, "PLAN_CACHE", OrderedDict())
     g = torch.Generator().manual_seed(23)
     weights = [torch.randn(7, 3, 3, 3, generator=g).to(DEVICE), torch.randn(5, 7, 3, 3, generator=g).to(DEVICE)]
 
@@ -528,7 +530,6 @@ def _net(width=6):
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width + 1, 3))
 
 
-@pytest.mark.filterwarnings("ignore:attenuation_triton")
 @pytest.mark.parametrize("reversible", [False, True])
 def test_pruner_on_the_triton_backend_matches_the_reference(reversible):
     from attenuation.pruner import Pruner, PruningConfig

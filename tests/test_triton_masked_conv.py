@@ -1,4 +1,5 @@
-"""The Triton masked convolution (kernels/masked_conv2d.py) against the reference backend.
+"""The Triton masked convolution (kernels/masked_conv2d_kernels.py, launched by kernels/masked_conv2d.py,
+adapted by attenuation/ops/triton/masked_conv.py) against the reference backend.
 
 Without a GPU the kernels run under Triton's interpreter on CPU tensors (tests/conftest.py sets
 TRITON_INTERPRET=1 before triton is imported). Block sizes are shrunk so that the tiny shapes cross
@@ -18,23 +19,23 @@ import pytest
 import torch
 
 from attenuation import ops
-from attenuation.ops import backends
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _load():
-    """(backend module, masked conv module, None) or (None, None, why the tests are skipped)."""
+    """(backend package, the launchers' module, None) or (None, None, why the tests are skipped)."""
     try:
         import triton  # noqa: F401
     except Exception as error:
         return None, None, f"triton cannot be imported ({error}): no triton backend to test"
-    if "triton" not in ops.available_backends() and not backends.register_triton_backend():
-        return None, None, "attenuation_triton did not register a triton backend"
-    backend = sys.modules["attenuation_triton"].backend
+    if "triton" not in ops.available_backends():
+        return None, None, "the triton backend is not registered"
+    from attenuation.ops import triton as backend
+    from attenuation_triton import masked_conv2d as launchers
     if not backend.INTERPRET and not torch.cuda.is_available():
         return None, None, "no GPU and TRITON_INTERPRET is not set: the kernels cannot run"
-    return backend, sys.modules["attenuation_triton.masked_conv2d"], None
+    return backend, launchers, None
 
 
 B, MC, _SKIP = _load()
@@ -58,11 +59,12 @@ def _small_blocks_poisoned_outputs(monkeypatch):
 
 
 def _index(n, kind, g):
-    """None (all live), or a live index list in random order: every channel, half, one, none."""
+    """None (all live), or a random live index list (increasing, as the facade requires): every
+    channel, half, one, none."""
     if kind == "all":
         return None
     count = {"full": n, "half": n // 2, "one": 1, "none": 0}[kind]
-    return torch.randperm(n, generator=g)[:count].to(DEVICE)
+    return torch.randperm(n, generator=g)[:count].sort().values.to(DEVICE)
 
 
 def _problem(n_out, n_in, kernel, out_kind, in_kind, dtype=torch.float32, layout="nchw", seed=0,
@@ -400,7 +402,7 @@ def test_kernels_compile_for_a_gpu_target(tmp_path):
         import triton, triton.language as tl
         from triton.compiler import ASTSource
         from triton.backends.compiler import GPUTarget
-        from attenuation_triton import masked_conv2d as mc
+        from attenuation_triton import masked_conv2d_kernels as mc
         target = GPUTarget("cuda", 90, 32)
         def build(kernel, pointers, scalars, constants):
             signature = {**pointers, **{k: "i32" for k in scalars.split()},
@@ -475,7 +477,7 @@ def test_tuned_configurations_compile_and_fit_hopper_shared_memory(tmp_path):
         import triton, triton.language as tl
         from triton.compiler import ASTSource
         from triton.backends.compiler import GPUTarget
-        from attenuation_triton import masked_conv2d as mc
+        from attenuation_triton import masked_conv2d as tiles, masked_conv2d_kernels as mc
         target = GPUTarget("cuda", 90, 32)
         conv = {k: "i32" for k in "stride_h stride_w pad_h pad_w dil_h dil_w".split()}
         for p in ("*bf16", "*fp32"):
@@ -487,12 +489,12 @@ def test_tuned_configurations_compile_and_fit_hopper_shared_memory(tmp_path):
                       "out_idx_ptr": "*i64", "dead_idx_ptr": "*i64", "in_idx_ptr": "*i64",
                       **{k: "i32" for k in "N H W HO WO n_live_out n_dead_out n_live_in sxn sxc sxh sxw "
                                           "swo swi swh sww syn syc syh syw".split()}, **conv},
-                     dict(KH=3, KW=3, HAS_SCALE=True, HAS_BIAS=True, **fixed)) for c in mc.CONV_CONFIGS]
+                     dict(KH=3, KW=3, HAS_SCALE=True, HAS_BIAS=True, **fixed)) for c in tiles.CONV_CONFIGS]
             jobs += [(mc.masked_conv2d_dw_kernel, c,
                       {"g_ptr": p, "x_ptr": p, "dw_ptr": "*fp32", "out_idx_ptr": "*i64", "in_idx_ptr": "*i64",
                        **{k: "i32" for k in "N H W HO WO n_live_out n_live_in n_splits split_len sgn sgc sgh "
                                            "sgw sxn sxc sxh sxw swo swi swh sww s_split".split()}, **conv},
-                      dict(KW=3, **fixed)) for c in mc.GRAD_WEIGHT_CONFIGS]
+                      dict(KW=3, **fixed)) for c in tiles.GRAD_WEIGHT_CONFIGS]
             for kernel, c, signature, constants in jobs:
                 constants = {**constants, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k}
                 signature = {**signature, **{name: "constexpr" for name in constants}}

@@ -16,7 +16,7 @@ import torch
 
 from attenuation import ops
 from attenuation.ops import reference
-from test_triton_backend import _LOAD_SOURCE_TREE, _SKIP, DEVICE, POISON_BYTE, B, _assert_mask
+from test_triton_backend import _SKIP, DEVICE, H, _assert_mask, poison
 
 pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 
@@ -25,12 +25,11 @@ COUNTS = [1, 7, 13, 4, 0, 9, 2]      # odd sizes, crossing blocks of 4 (BLOCK_I)
 
 @pytest.fixture(autouse=True)
 def _small_blocks_poisoned_output(monkeypatch):
-    if B is None:
+    if H is None:
         return
-    monkeypatch.setitem(B.TUNING, "select_block_i", 4)
-    monkeypatch.setitem(B.TUNING, "select_block_j", 8)
-    monkeypatch.setattr(B, "_empty", lambda shape, dtype, device: torch.full(shape, POISON_BYTE, dtype=dtype,
-                                                                             device=device))
+    monkeypatch.setitem(H.TUNING, "select_block_i", 4)
+    monkeypatch.setitem(H.TUNING, "select_block_j", 8)
+    monkeypatch.setattr(H, "_empty", poison)
 
 
 def _check(scores, removed, counts, n_weak):
@@ -50,9 +49,17 @@ def _problem(seed):
     return scores, torch.rand(total, generator=g) < 0.25
 
 
-def test_min_layer_mean_is_the_reference_one():
-    from attenuation_triton import select_weak_global
-    assert select_weak_global.MIN_LAYER_MEAN.value == reference.MIN_LAYER_MEAN
+def test_layer_means_are_clamped_at_the_mean_the_kernel_is_given(monkeypatch):
+    """The kernel clamps at the value it is launched with (the reference's MIN_LAYER_MEAN): raised
+    to 4, it changes which filters of the layers with smaller means are chosen, as in the reference."""
+    scores = torch.tensor([0.5, 1.0, 1.5, 2.0, 8.0, 6.0, 9.0, 7.0, 0.25, 0.75, 0.5])
+    removed = torch.zeros(11, dtype=torch.bool)
+    counts = [4, 4, 3]
+    unclamped = reference.select_weak_global(scores, removed, counts, 4)
+    monkeypatch.setattr(reference, "MIN_LAYER_MEAN", 4.0)
+    monkeypatch.setattr(H, "MIN_LAYER_MEAN", 4.0)
+    assert not torch.equal(reference.select_weak_global(scores, removed, counts, 4), unclamped)
+    _check(scores, removed, counts, 4)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -94,16 +101,17 @@ def test_an_all_zero_layer_and_real_valued_scores():
 def test_kernel_compiles_for_a_gpu_target(tmp_path):
     """The interpreter is more lenient than the compiler: compile for sm_90 (no GPU needed) and
     check that the divisions round to nearest as torch's do (not Triton's approximate ``/``)."""
-    code = _LOAD_SOURCE_TREE + textwrap.dedent("""
+    code = textwrap.dedent("""
         import triton
         from triton.compiler import ASTSource
         from triton.backends.compiler import GPUTarget
         from attenuation_triton import select_weak_global as sg
         signature = {"layers_ptr": "*i64", "blocks_ptr": "*i64", "n_layers": "i32", "scores_ptr": "*fp32",
                      "removed_ptr": "*u8", "n_weak": "i32", "out_ptr": "*u8",
-                     "NCOL": "constexpr", "BLOCK_I": "constexpr", "BLOCK_J": "constexpr"}
+                     "MIN_MEAN": "constexpr", "NCOL": "constexpr", "BLOCK_I": "constexpr",
+                     "BLOCK_J": "constexpr"}
         compiled = triton.compile(ASTSource(sg.select_weak_global_kernel, signature,
-                                            dict(NCOL=sg.NCOL, BLOCK_I=64, BLOCK_J=64)),
+                                            dict(MIN_MEAN=1e-12, NCOL=sg.NCOL, BLOCK_I=64, BLOCK_J=64)),
                                   target=GPUTarget("cuda", 90, 32))
         assert "cubin" in compiled.asm
         assert "div.rn.f32" in compiled.asm["ptx"] and "div.full" not in compiled.asm["ptx"]

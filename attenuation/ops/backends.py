@@ -5,9 +5,10 @@ further ops, such as ``select_weak_global``: where it lacks one, :func:`get_op` 
 their package imports; the default per device type is the fastest one registered for it, unless
 :func:`set_default_backend` or the ``ATTENUATION_BACKEND`` environment variable says otherwise.
 ``native`` (the C++ extension ``attenuation._C``, from csrc/) is the default on the CPU.
-``triton`` (the ``attenuation_triton`` package, from kernels/) is registered for CUDA tensors, and for
-CPU tensors too when Triton's interpreter runs its kernels (``TRITON_INTERPRET=1``), but not as the
-default: it becomes preferred only once measured faster on a GPU.
+``triton`` (the kernels of the ``attenuation_triton`` package, from kernels/, adapted by
+:mod:`.triton`) is registered for CUDA tensors, and for CPU tensors too when Triton's interpreter
+runs its kernels (``TRITON_INTERPRET=1``), but not as the default: it becomes preferred only once
+measured faster on a GPU.
 """
 from __future__ import annotations
 
@@ -84,20 +85,19 @@ def warn_reference_fallback(backend: str, op: str, why: str) -> None:
 
 
 def register_triton_backend() -> bool:
-    """Register ``attenuation_triton`` as ``"triton"`` (not preferred) if it and triton import.
+    """Register the triton backend (:mod:`.triton`, the kernels of ``attenuation_triton``) as
+    ``"triton"``, not preferred, if triton imports.
 
     CUDA tensors; CPU tensors as well when the kernels run under Triton's interpreter. Returns
-    whether it is registered. Never raises: without triton there is simply no triton backend.
+    whether it is registered. Never raises for lack of triton: then there is simply no triton backend.
     """
     try:
-        import attenuation_triton
-    except Exception:
+        import triton  # noqa: F401
+    except Exception:  # not installed, or a broken install
         return False
-    implementation = getattr(attenuation_triton, "backend", None)
-    if implementation is None:  # the package imported, triton did not
-        return False
-    device_types = ("cuda", "cpu") if implementation.INTERPRET else ("cuda",)
-    register_backend("triton", implementation, device_types=device_types, preferred=False)
+    from . import triton as triton_backend
+    device_types = ("cuda", "cpu") if triton_backend.INTERPRET else ("cuda",)
+    register_backend("triton", triton_backend, device_types=device_types, preferred=False)
     return True
 
 
