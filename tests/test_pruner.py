@@ -221,6 +221,33 @@ def test_readers_are_current_without_sync_live(seed, scope):
     assert pruner.live_masks()[1][1].tolist() == _keep(pruner)[0]
 
 
+def test_grouped_and_padded_convs_are_pruned_consistently():
+    """Grouped, depthwise and reflect-padded convs are pruned and take their masks like the others
+    (their masked forward itself: tests/test_modules.py); the masked model computes what the same
+    weights compute in plain nn.Conv2d layers."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=2, padding_mode="reflect"), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    model = copy.deepcopy(plain)
+    pruner = Pruner(model, method_config("hard", ratio=0.5, interval=1, criterion="random"))
+    pruner.start(2)
+    _train(model, pruner, 2)
+    masks = pruner.live_masks()
+    assert [int(out.sum()) for out, _ in masks] == [4, 4, 4]
+    assert masks[1][1].tolist() == masks[0][0].tolist() and masks[2][1].tolist() == masks[1][0].tolist()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if "live_" not in k})
+    model.double()
+    plain.double()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    for train in (False, True):
+        model.train(train)
+        plain.train(train)
+        torch.testing.assert_close(model(x), plain(x), rtol=1e-10, atol=1e-10)
+
+
 def _filter_parameters(pruner):
     """Per pruned layer, its filters' parameters: conv weight and bias, BN gamma and beta."""
     out = []
