@@ -1,35 +1,91 @@
-"""Backend registry: a backend is a module-like object with the five op functions (and optionally
-further ops, such as ``select_weak_global``: where it lacks one, :func:`get_op` gives the reference's).
+"""Backend registry: the ops a backend provides (:class:`Backend`), the registered backends, and
+the default per device type.
 
 ``reference`` is always registered. Faster backends (``triton``, ``native``) register themselves when
 their package imports; the default per device type is the fastest one registered for it, unless
 :func:`set_default_backend` or the ``ATTENUATION_BACKEND`` environment variable says otherwise.
-``native`` (the C++ extension ``attenuation._C``, from csrc/) is the default on the CPU.
-``triton`` (the kernels of the ``attenuation_triton`` package, from kernels/, adapted by
-:mod:`.triton`) is registered for CUDA tensors, and for CPU tensors too when Triton's interpreter
-runs its kernels (``TRITON_INTERPRET=1``), but not as the default: it becomes preferred only once
-measured faster on a GPU.
+``native`` (the C++ extension ``attenuation._C``, from csrc/, adapted by :mod:`.native`) is the
+default on the CPU. ``triton`` (the kernels of the ``attenuation_triton`` package, from kernels/,
+adapted by :mod:`.triton`) is registered for CUDA tensors, and for CPU tensors too when Triton's
+interpreter runs its kernels (``TRITON_INTERPRET=1``), but not as the default: it becomes
+preferred only once measured faster on a GPU.
 """
 from __future__ import annotations
 
 import os
 import warnings
-from types import ModuleType
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol, Sequence
 
 import torch
+from torch import Tensor
 
 from . import reference
 
-_BACKENDS: dict[str, ModuleType] = {"reference": reference}
+
+class Backend(Protocol):
+    """The ops every backend provides, with the signatures (and the rule) of :mod:`.reference`, the
+    specification. A module whose functions have these names conforms. A backend may also provide
+    ``select_weak_global`` (:data:`OPTIONAL_OPS`); where it does not, the reference's runs."""
+
+    def filter_norms(self, weights: Sequence[Tensor], ord: str) -> Tensor: ...
+
+    def select_weak(self, scores: Tensor, removed: Tensor, counts: Sequence[int], ks: Tensor) -> Tensor: ...
+
+    def attenuate_(self, weights, biases, gammas, betas, weak: Tensor, status: Tensor, multiplier: Tensor,
+                   factor: float, eps: float, restore: bool = False, running_means=None,
+                   running_vars=None) -> tuple[Tensor, Tensor]: ...
+
+    def zero_removed_(self, weights, biases, gammas, betas, status: Tensor) -> None: ...
+
+    def masked_conv2d(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], out_index: Optional[Tensor],
+                      in_index: Optional[Tensor], scale: Optional[Tensor], stride, padding, dilation,
+                      groups: int = 1) -> Tensor: ...
+
+
+REQUIRED_OPS = tuple(name for name, member in vars(Backend).items()
+                     if callable(member) and not name.startswith("_"))
+# Optional ops and what runs where a backend lacks one.
+OPTIONAL_OPS: dict[str, Callable] = {"select_weak_global": reference.select_weak_global}
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    """A registered backend as the facade calls it: every op present (an optional op the backend
+    lacks is the reference's), resolved once at registration, so a call costs one attribute read."""
+    name: str
+    filter_norms: Callable
+    select_weak: Callable
+    select_weak_global: Callable
+    attenuate_: Callable
+    zero_removed_: Callable
+    masked_conv2d: Callable
+
+    @classmethod
+    def of(cls, name: str, implementation: Backend) -> "Registered":
+        """Check that ``implementation`` conforms to :class:`Backend` (TypeError naming what it
+        lacks) and resolve its ops."""
+        missing = [op for op in REQUIRED_OPS if not callable(getattr(implementation, op, None))]
+        if missing:
+            raise TypeError(f"backend {name!r} does not provide the op(s) {', '.join(missing)} that every "
+                            "backend must (attenuation.ops.backends.Backend)")
+        ops = {op: getattr(implementation, op) for op in REQUIRED_OPS}
+        for op, fallback in OPTIONAL_OPS.items():
+            ops[op] = getattr(implementation, op, None) or fallback
+        return cls(name=name, **ops)
+
+
+_BACKENDS: dict[str, Registered] = {"reference": Registered.of("reference", reference)}
 # Per device type, backend names in order of preference.
 _PREFERENCE: dict[str, list[str]] = {"cpu": ["reference"], "cuda": ["reference"]}
 _default_override: Optional[str] = None
 
 
-def register_backend(name: str, implementation, device_types: tuple[str, ...], preferred: bool = True) -> None:
-    """Make ``implementation`` available as ``name``; ``preferred`` puts it first for its devices."""
-    _BACKENDS[name] = implementation
+def register_backend(name: str, implementation: Backend, device_types: tuple[str, ...],
+                     preferred: bool = True) -> None:
+    """Make ``implementation`` available as ``name``; ``preferred`` puts it first for its devices.
+    Raises TypeError when it lacks one of the ops every backend provides."""
+    _BACKENDS[name] = Registered.of(name, implementation)
     for device_type in device_types:
         order = _PREFERENCE.setdefault(device_type, ["reference"])
         if name in order:
@@ -56,7 +112,8 @@ def default_backend(device: torch.device) -> str:
     return _PREFERENCE.get(device.type, ["reference"])[0]
 
 
-def get_backend(name: Optional[str], device: torch.device):
+def get_backend(name: Optional[str], device: torch.device) -> Registered:
+    """The backend ``name`` (None: the default for ``device``), every op of it present."""
     name = name or default_backend(device)
     try:
         return _BACKENDS[name]
@@ -65,10 +122,12 @@ def get_backend(name: Optional[str], device: torch.device):
                          f"{', '.join(available_backends())}") from None
 
 
-def get_op(name: Optional[str], device: torch.device, op: str):
-    """The backend's implementation of ``op``, or the reference's when the backend has none: an op
-    a backend does not implement yet runs as its specification (pure PyTorch, any device)."""
-    return getattr(get_backend(name, device), op, None) or getattr(reference, op)
+def get_op(name: Optional[str], device: torch.device, op: str) -> Callable:
+    """The backend's implementation of ``op``; for an optional op the backend does not implement,
+    the reference's (its specification: pure PyTorch, any device)."""
+    if op not in REQUIRED_OPS and op not in OPTIONAL_OPS:
+        raise ValueError(f"unknown op {op!r}: the ops are {', '.join((*REQUIRED_OPS, *OPTIONAL_OPS))}")
+    return getattr(get_backend(name, device), op)
 
 
 _warned_fallbacks: set[tuple[str, str]] = set()
