@@ -18,10 +18,10 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from .files import atomic_open
+from .ops.status import ACTIVE, REMOVED, WEAK
 
-__all__ = ["plot_training_curves", "plot_filter_fates", "ACTIVE", "WEAK", "REMOVED"]
+__all__ = ["plot_training_curves", "plot_filter_fates"]
 
-ACTIVE, WEAK, REMOVED = 0, 1, 2
 _FATE_NAMES = ("active", "weak", "removed")
 _FATE_COLORS = ("#cfe3ef", "#f39c34", "#2b2b3a")
 
