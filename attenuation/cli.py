@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--download", action="store_true",
                        help="download CIFAR-10 with torchvision even if it is found (needs network)")
     where.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    where.add_argument("--baseline", metavar="PATH",
+                       help="start from the finished baseline of another run (its baseline.pt, or its "
+                            "folder) instead of training one; it must have the same model and training "
+                            "configuration")
     where.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
     return parser
 
@@ -107,7 +111,7 @@ def main(argv=None) -> int:
 
     try:
         summary = run(config_from_args(args), resume=args.resume, progress=not args.no_progress,
-                      download=args.download)
+                      download=args.download, baseline=args.baseline)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"attenuation: error: {error}", file=sys.stderr)
         return 2

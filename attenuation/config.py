@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import typing
 from dataclasses import dataclass, field
@@ -140,3 +142,28 @@ def preset_config(preset: str = "quick", **overrides) -> RunConfig:
     if "epochs" in overrides and overrides["epochs"] is not None:
         values["epochs"] = {**RunConfig().epochs, **PRESETS[preset].get("epochs", {}), **overrides["epochs"]}
     return RunConfig(preset=preset, **values).validate()
+
+
+# Fields that act only from the attenuation phase on (and labels that compute nothing): runs that
+# differ in nothing else train the same baseline, so they can share one (``attenuation run
+# --baseline``, ``attenuation sweep``). A field added later that only acts after the baseline
+# belongs here; tests/test_baseline.py checks that runs differing in these share a baseline.
+AFTER_BASELINE_FIELDS = ("preset", "method", "criterion", "ratio", "scope", "ramp", "factor", "eps",
+                         "interval", "reversible", "round_to", "lr_pruning_fraction",
+                         "lr_finetune_fraction", "out")
+
+
+def baseline_key(config: RunConfig | dict) -> dict:
+    """What a run's baseline phase depends on: the configuration without the fields that act
+    later, and of the epochs only the baseline's."""
+    values = {**RunConfig().to_dict(), **(config if isinstance(config, dict) else config.to_dict())}
+    key = {k: v for k, v in values.items() if k not in AFTER_BASELINE_FIELDS}
+    key["epochs"] = {"baseline": values["epochs"]["baseline"]}
+    return key
+
+
+def baseline_id(config: RunConfig | dict) -> str:
+    """A short stable name of :func:`baseline_key`: the seed and a hash of the rest."""
+    key = baseline_key(config)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    return f"baseline-s{key['seed']}-{digest}"

@@ -27,7 +27,7 @@ SUMMARY_KEYS: dict[str, tuple[str, ...] | None] = {
     "data_source": None,
     "device": None,
     "wall_seconds": None,
-    "baseline": ("accuracy", "params", "macs"),
+    "baseline": ("accuracy", "params", "macs", "latency_ms"),
     "pruned": ("accuracy", "params", "macs", "latency_ms"),
     "returns": None,
     "removed_filters": None,
@@ -107,7 +107,7 @@ def make_summary(
 ) -> dict:
     """The summary.json content, exactly ``SUMMARY_KEYS``, with plain Python numbers.
 
-    ``baseline`` needs accuracy/params/macs and ``pruned`` also latency_ms (None when
+    ``baseline`` and ``pruned`` need accuracy/params/macs and latency_ms (None when
     not measured); extra keys in either are ignored. Accuracies are in percent.
     """
     summary = {
@@ -118,7 +118,8 @@ def make_summary(
         "device": str(device),
         "wall_seconds": _number("wall_seconds", wall_seconds, float),
         "baseline": _section(
-            "baseline", baseline, {"accuracy": float, "params": int, "macs": int}
+            "baseline", baseline, {"accuracy": float, "params": int, "macs": int, "latency_ms": float},
+            optional=("latency_ms",),
         ),
         "pruned": _section(
             "pruned",

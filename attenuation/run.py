@@ -6,14 +6,14 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 
 from . import plots, report
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import PHASES, RunConfig
+from .config import PHASES, RunConfig, baseline_key
 from .data import CIFAR10, DeviceLoader, find_cifar10, load_cifar10, subset
 from .devices import check_backend, describe_device, resolve_device
 from .files import atomic_write_text, remove_stale_temporaries
@@ -26,8 +26,10 @@ from .train import evaluate, train_epoch
 # Options that change where a run writes, not what it computes.
 _NOT_COMPARED_ON_RESUME = ("out",)
 # Every file a run writes in its folder.
-OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint.pt", "model.pt", "fates.json", "report.md",
-           "summary.json", "curves.png", "filter_fates.png")
+OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint.pt", "baseline.pt", "model.pt", "fates.json",
+           "report.md", "summary.json", "curves.png", "filter_fates.png")
+# The checkpoint of the run as its baseline phase ended: other runs can start from it (--baseline).
+BASELINE_FILE = "baseline.pt"
 
 
 class TrainingDiverged(ValueError):
@@ -40,12 +42,22 @@ def default_out(config: RunConfig) -> Path:
 
 
 class Run:
-    """One run of the loop. ``Run(config).execute()`` returns the summary dict."""
+    """One run of the loop. ``Run(config).execute()`` returns the summary dict.
+
+    ``resume``: continue from the run folder's checkpoint. ``baseline``: start the attenuation
+    phase from another run's finished baseline (a ``baseline.pt`` or a run folder holding one)
+    instead of training one; it must come from the same :func:`attenuation.config.baseline_key`.
+    ``on_epoch``: called with each epoch's metrics row (the sweep reports them to Ray)."""
 
     def __init__(self, config: RunConfig, *, resume: bool = False, progress: bool = True,
-                 download: bool = False):
+                 download: bool = False, baseline: Optional[str | Path] = None,
+                 on_epoch: Optional[Callable[[dict], None]] = None):
         created = time.perf_counter()
         self.config = config.validate()
+        if resume and baseline is not None:
+            raise ValueError("--resume continues a run from its own checkpoint, --baseline starts a new "
+                             "one from another's baseline: pass one of them")
+        self.on_epoch = on_epoch
         self.out = Path(config.out) if config.out else default_out(config)
         self.device = resolve_device(config.device)
         self.backend = check_backend(config.backend, self.device)
@@ -75,6 +87,8 @@ class Run:
         else:
             atomic_write_text(self.out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
             atomic_write_text(self.out / "metrics.jsonl", "")
+            if baseline is not None:
+                self._start_from_baseline(Path(baseline))
         self.state["wall_seconds"] += time.perf_counter() - created  # data loading and setup
 
     # ------------------------------------------------------------------ setup
@@ -101,14 +115,14 @@ class Run:
         return torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum, nesterov=True,
                                weight_decay=c.weight_decay)
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, name: str = "checkpoint.pt") -> None:
         save_checkpoint({
             "config": self.config.to_dict(), "state": self.state,
             "removed": self.pruner is None, "model_spec": self.model.spec(),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "pruner": self.pruner.state_dict() if self.pruner is not None else None,
             "loader": self.train_loader.state_dict(), "torch_rng": torch.get_rng_state(),
-        }, self.out / "checkpoint.pt")
+        }, self.out / name)
 
     def _resume(self) -> None:
         saved = load_checkpoint(self.out / "checkpoint.pt", map_location=self.device)
@@ -118,25 +132,53 @@ class Run:
         if differ:
             raise ValueError("the checkpoint is from another configuration: "
                              + ", ".join(f"{k}={theirs.get(k)!r} (now {mine[k]!r})" for k in differ))
+        self._load_training_state(saved)
+        rows = "".join(json.dumps(row) + "\n" for row in self.state["metrics"])
+        atomic_write_text(self.out / "metrics.jsonl", rows)  # drops the rows written after the checkpoint
+
+    def _start_from_baseline(self, path: Path) -> None:
+        """Load another run's finished baseline: weights, optimizer, loader and RNG states, and its
+        baseline metrics; the pruner starts fresh with this run's configuration."""
+        path = path / BASELINE_FILE if path.is_dir() else path
+        saved = load_checkpoint(path, map_location=self.device)
+        state = saved["state"]
+        if saved["removed"] or (state["phase_index"], state["epoch_in_phase"]) != (1, 0):
+            raise ValueError(f"{path} is not a finished baseline (it is at phase {state['phase_index']}, "
+                             f"epoch {state['epoch_in_phase']}): use the {BASELINE_FILE} of a run folder")
+        mine, theirs = baseline_key(self.config), baseline_key(saved["config"])
+        differ = [k for k in mine if mine[k] != theirs.get(k)]
+        if differ:
+            raise ValueError(f"the baseline {path} was trained with another model or training "
+                             "configuration: " + ", ".join(f"{k}={theirs.get(k)!r} (here {mine[k]!r})"
+                                                            for k in differ))
+        saved["pruner"] = None  # this run's own pruning configuration starts from scratch
+        self._load_training_state(saved)
+        rows = "".join(json.dumps(row) + "\n" for row in self.state["metrics"])
+        atomic_write_text(self.out / "metrics.jsonl", rows)
+
+    def _load_training_state(self, saved: dict) -> None:
+        """Model, pruner (when saved), optimizer, loader, RNG and loop state from a checkpoint."""
         if saved["removed"]:
             self.pruner.remove_hooks()
             self.pruner = None
             self.model = self._to_device(build_model(saved["model_spec"]))
             self.optimizer = self._make_optimizer()
         self.model.load_state_dict(saved["model"])
-        if self.pruner is not None:
+        if self.pruner is not None and saved["pruner"] is not None:
             self.pruner.load_state_dict(saved["pruner"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.train_loader.load_state_dict(saved["loader"])
         torch.set_rng_state(saved["torch_rng"].cpu())
         self.state = saved["state"]
-        rows = "".join(json.dumps(row) + "\n" for row in self.state["metrics"])
-        atomic_write_text(self.out / "metrics.jsonl", rows)  # drops the rows written after the checkpoint
 
     # ------------------------------------------------------------------ the loop
-    def execute(self, stop_after_epochs: Optional[int] = None) -> Optional[dict]:
-        """Run (or continue) every phase; returns the summary, or None when stopped early by
-        ``stop_after_epochs`` (used to test resuming)."""
+    def execute(self, stop_after_epochs: Optional[int] = None,
+                until_phase: Optional[str] = None) -> Optional[dict]:
+        """Run (or continue) every phase; returns the summary, or None when stopped early:
+        after ``stop_after_epochs`` epochs (used to test resuming) or at the end of the phase
+        ``until_phase`` (a sweep trains its shared baselines with ``until_phase="baseline"``)."""
+        if until_phase is not None and until_phase not in PHASES:
+            raise ValueError(f"unknown phase {until_phase!r}: expected one of {', '.join(PHASES)}")
         epochs_this_session = 0
         while self.state["phase_index"] < len(PHASES):
             phase = PHASES[self.state["phase_index"]]
@@ -151,6 +193,10 @@ class Run:
                 self._end_phase(phase)
             self.state["wall_seconds"] += time.perf_counter() - started
             self._checkpoint()
+            if phase == "baseline" and self.state["phase_index"] == 1:
+                self._checkpoint(BASELINE_FILE)
+            if until_phase is not None and self.state["phase_index"] > PHASES.index(until_phase):
+                return None
             if stop_after_epochs is not None and epochs_this_session >= stop_after_epochs \
                     and self.state["phase_index"] < len(PHASES):
                 return None
@@ -170,7 +216,7 @@ class Run:
             live_fraction=self._live_fraction)
         self._check_finite(result.loss, f"the {phase} phase, epoch {epoch + 1}/{n_epochs}")
         if pruner is not None:
-            pruner.sync_live()  # the epoch's last attenuation step, for the masks and counts below
+            pruner.live_masks()  # the convs' masks of the epoch's last attenuation step, for the MAC count below
         test_loss, test_acc = evaluate(self.model, self.test_loader)
         self.state["epoch_in_phase"] += 1
         self.state["global_epoch"] += 1
@@ -183,6 +229,8 @@ class Run:
         self.state["metrics"].append(row)
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.on_epoch is not None:
+            self.on_epoch(row)
         if self.progress:
             print(f"[{phase} {epoch + 1}/{n_epochs}] loss {result.loss:.3f} train {result.accuracy:.1f}% "
                   f"test {test_acc:.2f}% live {row['live_fraction']:.2f} ({result.seconds:.0f}s)", flush=True)
@@ -252,7 +300,7 @@ class Run:
         summary = report.make_summary(
             method=c.method, criterion=c.criterion, ratio=c.ratio, data_source=self.data_source,
             device=describe_device(self.device), wall_seconds=self.state["wall_seconds"],
-            baseline={k: phases["baseline"][k] for k in ("accuracy", "params", "macs")},
+            baseline={k: phases["baseline"][k] for k in ("accuracy", "params", "macs", "latency_ms")},
             pruned={k: phases["finetune"][k] for k in ("accuracy", "params", "macs", "latency_ms")},
             returns=record["returns"], removed_filters=record["removed_filters"])
         report.write_summary(summary, self.out / "summary.json")
@@ -270,6 +318,7 @@ class Run:
 
 
 def run(config: RunConfig, *, resume: bool = False, progress: bool = True, download: bool = False,
-        stop_after_epochs: Optional[int] = None) -> Optional[dict]:
+        baseline: Optional[str | Path] = None, stop_after_epochs: Optional[int] = None) -> Optional[dict]:
     """Run the loop for ``config``; see :class:`Run`."""
-    return Run(config, resume=resume, progress=progress, download=download).execute(stop_after_epochs)
+    return Run(config, resume=resume, progress=progress, download=download,
+               baseline=baseline).execute(stop_after_epochs)

@@ -42,7 +42,7 @@ def _assert_png(path):
 def test_summary_has_exact_keys():
     summary = _summary()
     assert set(summary) == set(SUMMARY_KEYS)
-    assert set(summary["baseline"]) == {"accuracy", "params", "macs"}
+    assert set(summary["baseline"]) == {"accuracy", "params", "macs", "latency_ms"}
     assert set(summary["pruned"]) == {"accuracy", "params", "macs", "latency_ms"}
     assert set(summary) == {
         "method", "criterion", "ratio", "data_source", "device", "wall_seconds",
