@@ -1,4 +1,5 @@
-"""``attenuation run``: the CIFAR-10 prune, recover, remove loop from the command line."""
+"""The ``attenuation`` command: ``run`` (the CIFAR-10 prune, recover, remove loop), ``sweep`` (grids
+of runs on Ray Tune) and ``compare`` (tables and plots across sweeps and runs)."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,10 @@ from .config import PHASES, PRESETS, RunConfig, preset_config
 from .criteria import available_criteria
 from .methods import available_methods
 from .schedule import RAMPS
+from .sweep.command import add_arguments as add_sweep_arguments
+from .sweep.command import run_command as run_sweep_command
+from .sweep.compare import add_arguments as add_compare_arguments
+from .sweep.compare import run_command as run_compare_command
 
 _PRUNING = "pruning (unset options take the preset's or the method's value)"
 _TRAINING = "model and training"
@@ -21,7 +26,7 @@ def _interval(text: str):
     return text if text == "epoch" else int(text)
 
 
-def _field_options() -> dict[str, tuple[str, dict]]:
+def field_options() -> dict[str, tuple[str, dict]]:
     """One option per RunConfig field but ``epochs`` (one per phase instead): its help group and
     argparse keywords. The option is ``--<field>`` (underscores as dashes); unset, it is None and
     the preset's value holds. tests/test_cli.py checks that every field is here."""
@@ -79,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="train, prune, recover, remove and fine-tune a CIFAR-10 VGG",
                               description="An unset option takes the preset's value.")
     groups = {name: run.add_argument_group(name) for name in (_PRUNING, _TRAINING, _SCHEDULE, _WHERE)}
-    for name, (group, keywords) in _field_options().items():
+    for name, (group, keywords) in field_options().items():
         groups.get(group, run).add_argument("--" + name.replace("_", "-"), **keywords)
     for phase in PHASES:
         groups[_TRAINING].add_argument(f"--epochs-{phase}", type=int, metavar="N",
@@ -93,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "folder) instead of training one; it must have the same model and training "
                             "configuration")
     where.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
+    sweep = commands.add_parser("sweep", help="a grid of runs (every run option may be a comma-separated "
+                                              "list) on Ray Tune, with shared baselines",
+                                description="Runs the cross product of the lists; rerun to resume.")
+    add_sweep_arguments(sweep, field_options())
+    add_compare_arguments(commands.add_parser(
+        "compare", help="one table and Pareto plot from sweep and run folders"))
     return parser
 
 
@@ -107,6 +118,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "sweep":
+        return run_sweep_command(args)
+    if args.command == "compare":
+        return run_compare_command(args)
     from .run import run
 
     try:

@@ -16,7 +16,7 @@ from attenuation.sweep import (
     Stat, TrialRecord, append_result, cells, compare, load_trials, plot_pareto, read_results,
     write_table_csv, write_table_md,
 )
-from attenuation.sweep.compare import main as compare_main
+from attenuation.cli import main as cli_main
 from attenuation.sweep.table import METRICS, table_markdown
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -377,8 +377,8 @@ def test_compare_writes_the_three_files(tmp_path):
 
 def test_compare_command(tmp_path, capsys):
     sweep = _sweep_folder(tmp_path / "sweep", [_record(0, _summary(70.0))])
-    assert compare_main([str(sweep), "--out", str(tmp_path / "out")]) == 0
+    assert cli_main(["compare", str(sweep), "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "table.csv").is_file()
-    assert compare_main([str(tmp_path), "--out", str(tmp_path / "out2")]) == 2
+    assert cli_main(["compare", str(tmp_path), "--out", str(tmp_path / "out2")]) == 2
     assert f"{tmp_path} is neither a sweep folder" in capsys.readouterr().err
     assert not (tmp_path / "out2").exists()

@@ -11,7 +11,7 @@ from .pareto import plot_pareto
 from .results import load_trials
 from .table import Row, cells, write_table_csv, write_table_md
 
-__all__ = ["compare", "add_arguments", "run_command", "main"]
+__all__ = ["compare", "add_arguments", "run_command"]
 
 
 def compare(dirs: Iterable, out_dir) -> list[Row]:
@@ -48,7 +48,3 @@ def run_command(args: argparse.Namespace) -> int:
           f"{Path(args.out) / 'table.md'}, table.csv, pareto.png")
     return 0
 
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="attenuation compare", description=__doc__)
-    return run_command(add_arguments(parser).parse_args(argv))
