@@ -101,6 +101,7 @@ def test_import_without_triton_leaves_no_triton_backend():
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_a_gpu_target(tmp_path):
     """The interpreter is more lenient than the compiler: compile every kernel for sm_90 (no GPU
     needed, triton ships ptxas) so that typing errors show up before a GPU does."""
@@ -530,6 +531,7 @@ def _net(width=6):
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width + 1, 3))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reversible", [False, True])
 def test_pruner_on_the_triton_backend_matches_the_reference(reversible):
     from attenuation.pruner import Pruner, PruningConfig

@@ -394,6 +394,7 @@ def _compile_for_gpu(code: str, tmp_path) -> None:
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_a_gpu_target(tmp_path):
     """The interpreter is more lenient than the compiler: compile the three kernels for sm_90 in
     every dtype, float32 in IEEE and TF32 precision (no GPU needed, triton ships ptxas) so that
@@ -443,6 +444,7 @@ def test_kernels_compile_for_a_gpu_target(tmp_path):
 
 # ----------------------------------------------------------------------- torch.library registration
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kinds,layout", [(("half", "half"), "nchw"), (("all", "all"), "channels_last")])
 def test_custom_ops_pass_opcheck(kinds, layout):
     x, w, b, s, oi, ii = _problem(5, 3, (3, 3), *kinds, layout=layout, hw=(5, 5), seed=14)
@@ -469,6 +471,7 @@ def test_torch_compile_traces_forward_and_backward():
         torch.testing.assert_close(a, r)
 
 
+@pytest.mark.slow
 def test_tuned_configurations_compile_and_fit_hopper_shared_memory(tmp_path):
     """Every candidate configuration of the run-time tuner compiles for sm_90 in bfloat16 (the
     training dtype) and float32 (TF32) and fits an H100's shared memory (227 KiB per block), so the

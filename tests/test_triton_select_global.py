@@ -98,6 +98,7 @@ def test_an_all_zero_layer_and_real_valued_scores():
     _check(scores, removed, counts, 10)
 
 
+@pytest.mark.slow
 def test_kernel_compiles_for_a_gpu_target(tmp_path):
     """The interpreter is more lenient than the compiler: compile for sm_90 (no GPU needed) and
     check that the divisions round to nearest as torch's do (not Triton's approximate ``/``)."""
