@@ -29,3 +29,17 @@ def tiny_npz(tmp_path_factory):
     x_test = (rng.integers(0, 128, (100, 32, 32, 3)) + 12 * y_test[:, None, None, None]).astype(np.uint8)
     np.savez(path, x_train=x_train, y_train=y_train.astype(np.uint8), x_test=x_test, y_test=y_test.astype(np.uint8))
     return path
+
+
+@pytest.fixture
+def no_defaults(tmp_path, monkeypatch):
+    """No CIFAR-10 anywhere by default: an empty cwd, HOME and repo root, and no $ATTENUATION_DATA."""
+    from attenuation import data
+
+    for name in ("cwd", "home", "repo"):
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(data, "_REPO_ROOT", tmp_path / "repo")
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    return tmp_path

@@ -146,18 +146,9 @@ def _write_batches(folder: Path) -> None:
 
 
 @pytest.mark.slow
-def test_first_run_on_a_fresh_machine_downloads_the_data(tmp_path, monkeypatch, capsys):
+def test_first_run_on_a_fresh_machine_downloads_the_data(tmp_path, no_defaults, monkeypatch, capsys):
     """`attenuation run` with no data anywhere: torchvision fetches it (faked) into the cache."""
     import torchvision
-
-    from attenuation import data
-
-    for name in ("cwd", "home", "repo"):
-        (tmp_path / name).mkdir()
-    monkeypatch.chdir(tmp_path / "cwd")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(data, "_REPO_ROOT", tmp_path / "repo")
-    monkeypatch.delenv(data.ENV_VAR, raising=False)
 
     def download(root, train, download):  # the test split comes last: write the folder then
         if not train:

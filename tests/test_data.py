@@ -97,18 +97,6 @@ def _py2_batch_pickle(images: np.ndarray, labels: list[int]) -> bytes:
     return b"\x80\x02}(" + s(b"data") + array + s(b"labels") + label_list + b"u."
 
 
-@pytest.fixture
-def no_defaults(tmp_path, monkeypatch):
-    """Run with an empty cwd, HOME and repo root, and no $ATTENUATION_DATA."""
-    for name in ("cwd", "home", "repo"):
-        (tmp_path / name).mkdir()
-    monkeypatch.chdir(tmp_path / "cwd")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(data, "_REPO_ROOT", tmp_path / "repo")
-    monkeypatch.delenv(data.ENV_VAR, raising=False)
-    return tmp_path
-
-
 # --------------------------------------------------------------------------- resolve
 
 
