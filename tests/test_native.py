@@ -383,7 +383,7 @@ def test_bad_arguments_raise_clear_errors():
 
 
 def test_unsupported_cases_fall_back_to_the_reference_with_one_warning(monkeypatch):
-    monkeypatch.setattr(ops.backends, "_warned_fallbacks", set())
+    monkeypatch.setattr(ops.fallback, "_warned_fallbacks", set())
     x, w = torch.randn(2, 4, 6, 6), torch.randn(6, 2, 3, 3)
     with pytest.warns(UserWarning, match="groups=2"):
         got = native.masked_conv2d(x, w, None, None, None, None, 1, 1, 1, groups=2)

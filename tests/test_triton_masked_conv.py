@@ -171,7 +171,7 @@ def test_empty_batch():
 
 
 def test_unsupported_cases_fall_back_to_the_reference_with_one_warning(monkeypatch):
-    monkeypatch.setattr(ops.backends, "_warned_fallbacks", set())
+    monkeypatch.setattr(ops.fallback, "_warned_fallbacks", set())
     g = torch.Generator().manual_seed(5)
     x, w, b = (torch.randn(*shape, generator=g).to(DEVICE) for shape in ((2, 4, 6, 6), (6, 2, 3, 3), (6,)))
     with pytest.warns(UserWarning, match="triton backend's masked_conv2d does not cover groups != 1"):

@@ -18,7 +18,7 @@ from torch.nn.modules.utils import _pair
 from attenuation import _C  # noqa: F401  (loading it registers the ops)
 
 from . import reference
-from .backends import warn_reference_fallback
+from .fallback import warn_reference_fallback
 from .slots import flat_vectors
 
 _ops = torch.ops.attenuation

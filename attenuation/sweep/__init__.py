@@ -1,5 +1,6 @@
-"""The aggregation half of ``attenuation sweep``: results.jsonl records, per-cell tables over
-seeds, the Pareto plot, and ``attenuation compare``."""
+"""Experiments at scale: ``attenuation sweep`` (grids of runs as Ray Tune trials with shared
+baselines, resumable) and ``attenuation compare`` (results.jsonl records, per-cell tables over
+seeds, the Pareto plot)."""
 from .compare import compare
 from .pareto import plot_pareto
 from .results import TrialRecord, append_result, load_trials, read_results

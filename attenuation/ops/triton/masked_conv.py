@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 from .. import reference
-from ..backends import warn_reference_fallback
+from ..fallback import warn_reference_fallback
 from .device import check_device, launch_context
 
 
