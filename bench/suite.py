@@ -209,15 +209,15 @@ class Suite:
                   + (f" ({entry['reason']})" if entry.get("reason") else ""), flush=True)
 
 
-def resolve_device(name: str) -> torch.device:
+def _device_argument(name: str) -> torch.device:
     """attenuation's device resolution, its errors as the suite's exit message. The package is
     imported here with its warnings silenced: the suite may not have built the native extension
     yet (its first step does), and that warning would only mislead."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from attenuation.devices import resolve_device as resolve
+        from attenuation.devices import resolve_device
     try:
-        return resolve(name)
+        return resolve_device(name)
     except ValueError as error:
         raise SystemExit(f"bench.suite: --device: {error}") from None
 
@@ -225,7 +225,7 @@ def resolve_device(name: str) -> torch.device:
 def main(argv=None) -> int:
     args = parse_args(argv)
     budget = Budget(args.budget)
-    device = resolve_device(args.device)
+    device = _device_argument(args.device)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     suite = Suite(args, device, out)
