@@ -133,7 +133,7 @@ def describe(values: Mapping) -> str:
     :class:`FateStatistics` (``returns`` ... ``mean_steps_weak_before_removal``)."""
     removed, during = values["removed_filters"], values["removed_during_phase"]
     churn, weak = values["churn"], values["mean_steps_weak_before_removal"]
-    churn_text = "no attenuation step" if churn is None else f"churn {churn:.2f} filters a step"
+    churn_text = "no attenuation step" if churn is None else f"weak-set churn {churn:.2f} filters a step"
     weak_text = "" if weak is None else f", weak {weak:.1f} steps on average before removal"
     return (f"{values['returns']} returns ({values['kept_returns']} kept to the end), {churn_text}, "
             f"{removed} removed ({during} during the phase, {removed - during} at its end){weak_text}")

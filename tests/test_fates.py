@@ -54,9 +54,9 @@ def test_no_attenuation_step_and_nothing_removed():
 
 
 def test_describe():
-    assert ENDED.describe() == ("2 returns (1 kept to the end), churn 2.33 filters a step, 3 removed "
-                                "(2 during the phase, 1 at its end), weak 2.0 steps on average "
-                                "before removal")
+    assert ENDED.describe() == ("2 returns (1 kept to the end), weak-set churn 2.33 filters a step, "
+                                "3 removed (2 during the phase, 1 at its end), weak 2.0 steps on "
+                                "average before removal")
     empty = fate_statistics(np.zeros((1, 4), dtype=np.uint8), ended=True)
     assert describe(vars(empty)) == ("0 returns (0 kept to the end), no attenuation step, 0 removed "
                                      "(0 during the phase, 0 at its end)")
