@@ -88,7 +88,8 @@ def fate_statistics(history, *, ended: bool) -> FateStatistics:
     - ``churn``: the mean over attenuation steps of the filters entering the weak set (newly
       selected: ACTIVE -> WEAK, or ACTIVE -> REMOVED when a = 0 removes at once) plus those
       leaving it (returns). Removed filters stay in the weak set (the selection takes them
-      first), so a removal is not a departure; None without an attenuation step;
+      first), so a removal is not a departure; None without an attenuation step. Once the phase
+      ended this is (removed_filters + 2 returns) / attenuation steps;
     - ``removed_filters``: filters removed in the last row; ``removed_during_phase``: those
       removed by an attenuation step (the rest were removed at the end of the phase);
     - ``mean_steps_weak_before_removal``: over the removed filters, the mean number of attenuation

@@ -111,6 +111,7 @@ def test_agrees_with_the_pruners_counters(config):
     assert stats.mean_steps_weak_before_removal == pytest.approx(
         pruner.steps_weak[removed].double().mean().item(), rel=1e-12)
     selected = int((pruner.history[-2] != A).sum())  # the weak set after the last attenuation step
+    assert selected == stats.removed_filters  # the end of the phase removes exactly that set
     assert stats.churn * stats.attenuation_steps == pytest.approx(selected + 2 * stats.returns)
     if config.reversible or config.factor == 0 and config.eps == 0:  # sfp: zeroed filters return
         assert stats.returns > 0 and stats.kept_returns > 0
