@@ -24,7 +24,7 @@ _SECTION_KEYS = ("accuracy", "params", "macs")
 _OPTIONAL_LATENCY = "latency_ms"
 # Read where present: results written before the fate statistics lack them; churn and
 # mean_steps_weak_before_removal are null where undefined.
-OPTIONAL_KEYS = ("removed_filters", "kept_returns", "churn", "removed_during_phase",
+_OPTIONAL_KEYS = ("removed_filters", "kept_returns", "churn", "removed_during_phase",
                  "mean_steps_weak_before_removal")
 
 
@@ -36,7 +36,7 @@ def _check_number(where: str, value, optional: bool = False) -> None:
 
 
 def _check_summary(summary) -> None:
-    """The summary.json keys the tables read: present and numeric, or for ``OPTIONAL_KEYS``
+    """The summary.json keys the tables read: present and numeric, or for ``_OPTIONAL_KEYS``
     absent or null (extra keys are fine)."""
     if not isinstance(summary, Mapping):
         raise ValueError(f"summary must be an object, got {type(summary).__name__}")
@@ -53,7 +53,7 @@ def _check_summary(summary) -> None:
         if key not in summary:
             raise ValueError(f"summary has no {key!r}")
         _check_number(f"summary.{key}", summary[key])
-    for key in OPTIONAL_KEYS:
+    for key in _OPTIONAL_KEYS:
         _check_number(f"summary.{key}", summary.get(key), optional=True)
 
 
