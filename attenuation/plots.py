@@ -7,8 +7,10 @@ this module never touches pyplot or the caller's global backend.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -17,8 +19,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
+from .fates import FateStatistics, returns_per_filter, status_matrix
 from .files import atomic_open
-from .ops.status import ACTIVE, REMOVED, WEAK
+from .ops.status import REMOVED, WEAK
 
 __all__ = ["plot_training_curves", "plot_filter_fates"]
 
@@ -141,22 +144,12 @@ def plot_training_curves(metrics: list[dict], path) -> Path:
 
 
 def _as_status_matrix(name: str, matrix, n_steps: int) -> np.ndarray:
-    if hasattr(matrix, "detach"):  # torch.Tensor, without importing torch here
-        matrix = matrix.detach().cpu().numpy()
-    matrix = np.asarray(matrix)
-    if matrix.ndim != 2:
-        raise ValueError(
-            f"history[{name!r}] must be 2-D (steps, filters), got shape {matrix.shape}"
-        )
+    matrix = status_matrix(f"history[{name!r}]", matrix)
     if matrix.shape[0] != n_steps:
         raise ValueError(
             f"history[{name!r}] has {matrix.shape[0]} rows but {n_steps} steps were given"
         )
-    if matrix.size and (matrix.min() < ACTIVE or matrix.max() > REMOVED):
-        raise ValueError(
-            f"history[{name!r}] holds values outside 0 (active), 1 (weak), 2 (removed)"
-        )
-    return matrix.astype(np.int64)
+    return matrix
 
 
 def _fate_order(status: np.ndarray) -> tuple[np.ndarray, int, int, int]:
@@ -173,7 +166,7 @@ def _fate_order(status: np.ndarray) -> tuple[np.ndarray, int, int, int]:
     group = np.where(removed, 0, np.where(ever_weak, 1, 2))
     # lexsort sorts by the last key first.
     order = np.lexsort((np.arange(n_filters), -steps_weak, first_removed, group))
-    returns = int(((status[:-1] == WEAK) & (status[1:] == ACTIVE)).sum())
+    returns = int(returns_per_filter(status).sum())
     return order, int(removed.sum()), int(ever_weak.sum()), returns
 
 
@@ -184,14 +177,16 @@ def _empty_figure(path, message: str) -> Path:
 
 
 def plot_filter_fates(
-    history: dict, steps: list[int], path, max_layers: int | None = None
+    history: dict, steps: list[int], path, max_layers: int | None = None,
+    statistics: Optional[FateStatistics] = None,
 ) -> Path:
     """One heatmap per conv layer of every filter's status after each attenuation step.
 
     ``history`` maps layer name to a (steps, n_filters) matrix of 0 active / 1 weak /
     2 removed (numpy array or torch tensor); ``steps`` holds the optimizer step of each
     row. Rows of a panel are filters sorted by fate. ``max_layers`` caps the panels
-    drawn (the first layers in ``history`` order). Returns the written PNG path.
+    drawn (the first layers in ``history`` order). ``statistics``, the model's fate
+    statistics, are written under the title. Returns the written PNG path.
     """
     if max_layers is not None and max_layers < 1:
         raise ValueError(f"max_layers must be a positive integer or None, got {max_layers!r}")
@@ -241,6 +236,8 @@ def plot_filter_fates(
     title = "Filter fates per layer"
     if len(shown) < len(layers):
         title += f"\nshowing {len(shown)} of {len(layers)} layers"
+    if statistics is not None:  # wrapped to the figure's width (about 13 characters an inch)
+        title += "\n" + textwrap.fill(statistics.describe(), int(fig.get_figwidth() * 13))
     fig.suptitle(title, fontsize="medium")
     fig.supxlabel("optimizer step of the attenuation step", fontsize="small")
     fig.supylabel("filters, sorted: removed (by step) | ever weak | never weak", fontsize="small")

@@ -7,6 +7,7 @@ import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from .fates import describe
 from .files import atomic_write_text
 
 __all__ = [
@@ -31,6 +32,11 @@ SUMMARY_KEYS: dict[str, tuple[str, ...] | None] = {
     "pruned": ("accuracy", "params", "macs", "latency_ms"),
     "returns": None,
     "removed_filters": None,
+    # fate statistics (attenuation/fates.py; docs/METHOD.md, "Fate statistics")
+    "kept_returns": None,
+    "churn": None,
+    "removed_during_phase": None,
+    "mean_steps_weak_before_removal": None,
 }
 
 # Keys a phase row of the report table may carry; all but "phase" may be missing or None.
@@ -75,6 +81,10 @@ def _number(name: str, value, kind: type) -> int | float:
     return as_float
 
 
+def _optional_number(name: str, value, kind: type) -> int | float | None:
+    return None if value is None else _number(name, value, kind)
+
+
 def _section(
     name: str, given: Mapping, casts: dict[str, type], optional: tuple[str, ...] = ()
 ) -> dict:
@@ -85,11 +95,8 @@ def _section(
     for key, kind in casts.items():
         if key not in given:
             raise ValueError(f"{name} is missing the key {key!r} (has {sorted(given)})")
-        value = given[key]
-        if value is None and key in optional:
-            out[key] = None
-        else:
-            out[key] = _number(f"{name}.{key}", value, kind)
+        number = _optional_number if key in optional else _number
+        out[key] = number(f"{name}.{key}", given[key], kind)
     return out
 
 
@@ -104,11 +111,17 @@ def make_summary(
     pruned: dict,
     returns: int,
     removed_filters: int,
+    kept_returns: int,
+    churn: float | None,
+    removed_during_phase: int,
+    mean_steps_weak_before_removal: float | None,
 ) -> dict:
     """The summary.json content, exactly ``SUMMARY_KEYS``, with plain Python numbers.
 
     ``baseline`` and ``pruned`` need accuracy/params/macs and latency_ms (None when
-    not measured); extra keys in either are ignored. Accuracies are in percent.
+    not measured); extra keys in either are ignored. Accuracies are in percent. The
+    last four are :class:`attenuation.fates.FateStatistics` fields; churn is None without
+    an attenuation step, mean_steps_weak_before_removal when no filter was removed.
     """
     summary = {
         "method": str(method),
@@ -129,7 +142,17 @@ def make_summary(
         ),
         "returns": _number("returns", returns, int),
         "removed_filters": _number("removed_filters", removed_filters, int),
+        "kept_returns": _number("kept_returns", kept_returns, int),
+        "churn": _optional_number("churn", churn, float),
+        "removed_during_phase": _number("removed_during_phase", removed_during_phase, int),
+        "mean_steps_weak_before_removal": _optional_number(
+            "mean_steps_weak_before_removal", mean_steps_weak_before_removal, float
+        ),
     }
+    for part, whole in (("kept_returns", "returns"), ("removed_during_phase", "removed_filters")):
+        if not 0 <= summary[part] <= summary[whole]:
+            raise ValueError(f"{part} must be in [0, {whole}] = [0, {summary[whole]}], "
+                             f"got {summary[part]}")
     _check_keys(summary)
     return summary
 
@@ -269,7 +292,7 @@ def write_report(
         "",
         _comparison(summary, baseline_latency),
         "",
-        f"Filter returns: {summary['returns']}; removed filters: {summary['removed_filters']}.",
+        f"Filter fates: {describe(summary)}.",
         "",
     ]
     notes = list(notes)

@@ -16,6 +16,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import PHASES, RunConfig, baseline_key
 from .data import CIFAR10, DeviceLoader, find_cifar10, load_cifar10, subset
 from .devices import check_backend, describe_device, resolve_device
+from .fates import fate_statistics
 from .files import atomic_write_text, remove_stale_temporaries
 from .models import build_model, vgg
 from .profiling import count_macs, count_parameters, measure_latency
@@ -292,17 +293,23 @@ class Run:
     def _write_outputs(self) -> dict:
         c, record = self.config, self.state["record"]
         phases = {row["phase"]: row for row in self.state["phases"]}
+        # the record is taken after the phase's end: its history ends with the end-of-phase removal
+        fates = fate_statistics(record["history"], ended=True)
         save_pruned(self.model, self.out / "model.pt")
         atomic_write_text(self.out / "fates.json", json.dumps(record["fates"]) + "\n")
         if self.state["metrics"]:
             plots.plot_training_curves(self.state["metrics"], self.out / "curves.png")
-        plots.plot_filter_fates(record["history"], record["history_steps"], self.out / "filter_fates.png")
+        plots.plot_filter_fates(record["history"], record["history_steps"], self.out / "filter_fates.png",
+                                statistics=fates)
         summary = report.make_summary(
             method=c.method, criterion=c.criterion, ratio=c.ratio, data_source=self.data_source,
             device=describe_device(self.device), wall_seconds=self.state["wall_seconds"],
             baseline={k: phases["baseline"][k] for k in ("accuracy", "params", "macs", "latency_ms")},
             pruned={k: phases["finetune"][k] for k in ("accuracy", "params", "macs", "latency_ms")},
-            returns=record["returns"], removed_filters=record["removed_filters"])
+            returns=record["returns"], removed_filters=record["removed_filters"],
+            kept_returns=fates.kept_returns, churn=fates.churn,
+            removed_during_phase=fates.removed_during_phase,
+            mean_steps_weak_before_removal=fates.mean_steps_weak_before_removal)
         report.write_summary(summary, self.out / "summary.json")
         report.write_report(
             self.out / "report.md", title=f"attenuation run: {c.method} / {c.criterion}, ratio {c.ratio:g}, "

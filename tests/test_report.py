@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from attenuation import plots
+from attenuation.fates import fate_statistics
 from attenuation.plots import plot_filter_fates, plot_training_curves
 from attenuation.report import (
     SUMMARY_KEYS,
@@ -28,6 +30,8 @@ def _summary(**overrides):
         method="attenuation", criterion="l1", ratio=0.5,
         data_source="shared/data/cifar10.npz (JPEG copy)", device="cpu", wall_seconds=123.4,
         baseline=BASELINE, pruned=PRUNED, returns=np.int64(17), removed_filters=2112,
+        kept_returns=5, churn=np.float64(3.25), removed_during_phase=2000,
+        mean_steps_weak_before_removal=9.125,
     )
     kwargs.update(overrides)
     return make_summary(**kwargs)
@@ -46,7 +50,8 @@ def test_summary_has_exact_keys():
     assert set(summary["pruned"]) == {"accuracy", "params", "macs", "latency_ms"}
     assert set(summary) == {
         "method", "criterion", "ratio", "data_source", "device", "wall_seconds",
-        "baseline", "pruned", "returns", "removed_filters",
+        "baseline", "pruned", "returns", "removed_filters", "kept_returns", "churn",
+        "removed_during_phase", "mean_steps_weak_before_removal",
     }
 
 
@@ -56,6 +61,7 @@ def test_summary_casts_to_plain_python_numbers():
     assert type(summary["pruned"]["params"]) is int
     assert type(summary["pruned"]["latency_ms"]) is float
     assert type(summary["returns"]) is int
+    assert type(summary["churn"]) is float and type(summary["kept_returns"]) is int
     assert summary["pruned"]["latency_ms"] == pytest.approx(3.1)
 
 
@@ -73,6 +79,18 @@ def test_non_numbers_are_rejected():
         _summary(baseline={**BASELINE, "params": 12.5})
     with pytest.raises(ValueError, match="wall_seconds"):
         _summary(wall_seconds=float("nan"))
+
+
+def test_undefined_fate_statistics_are_null_and_counts_are_consistent(tmp_path):
+    summary = _summary(churn=None, mean_steps_weak_before_removal=None)
+    assert (summary["churn"], summary["mean_steps_weak_before_removal"]) == (None, None)
+    assert json.loads(write_summary(summary, tmp_path / "s.json").read_text()) == summary
+    with pytest.raises(ValueError, match=r"kept_returns must be in \[0, returns\]"):
+        _summary(kept_returns=18)
+    with pytest.raises(ValueError, match=r"removed_during_phase must be in \[0, removed_filters\]"):
+        _summary(removed_during_phase=-1)
+    with pytest.raises(ValueError, match="churn must be finite"):
+        _summary(churn=float("inf"))
 
 
 def test_write_summary_round_trip(tmp_path):
@@ -127,7 +145,9 @@ def test_report_contents(tmp_path):
     assert "speedup 3.16x" in text
     assert "(reduction 72.2%)" in text  # MACs
     assert "−1.40 points" in text
-    assert "Filter returns: 17; removed filters: 2112." in text
+    assert ("Filter fates: 17 returns (5 kept to the end), weak-set churn 3.25 filters a step, "
+            "2112 removed (2000 during the phase, 112 at its end), weak 9.1 steps on average "
+            "before removal.") in text
     assert "![curves](curves.png)" in text and "(filter_fates.png)" in text
     assert "<details>" in text and '"lr": 0.1' in text
     assert "- a note" in text
@@ -207,6 +227,21 @@ def test_filter_fates_png(tmp_path):
     steps = list(range(50, 550, 50))
     _assert_png(plot_filter_fates(history, steps, tmp_path / "f" / "fates.png"))
     _assert_png(plot_filter_fates(history, steps, tmp_path / "fates2.png", max_layers=2))
+
+
+def test_filter_fates_title_carries_the_statistics(tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    status = np.array([[1, 1, 0, 2], [1, 0, 1, 2], [2, 0, 2, 2]], dtype=np.uint8)  # ends removing
+    statistics = fate_statistics({"conv1": status}, ended=True)
+    plot_filter_fates({"conv1": status}, [10, 20, 20], tmp_path / "fates.png", statistics=statistics)
+    plot_filter_fates({"conv1": status}, [10, 20, 20], tmp_path / "plain.png")
+    annotated, plain = (" ".join(fig.get_suptitle().split()) for fig in figures)
+    assert annotated == "Filter fates per layer " + statistics.describe()
+    assert "1 returns (1 kept to the end), weak-set churn 2.50 filters a step" in annotated
+    assert plain == "Filter fates per layer"
+    panel = figures[0].axes[0].get_title()
+    assert panel == "conv1\nremoved 3/4, returns 1"
 
 
 def test_filter_fates_every_filter_removed(tmp_path):

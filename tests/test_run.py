@@ -51,6 +51,31 @@ def test_smoke_run_writes_every_output(tiny_npz, tmp_path, umask_022):
 
 
 @pytest.mark.slow
+def test_summary_carries_the_fate_statistics_of_fates_json(tiny_npz, tmp_path):
+    """A phase with returns and removals both during the phase and at its end (random scores, a
+    filter removed after 4 consecutive weak steps): summary.json's fate statistics agree with the
+    pruner's per-filter counters in fates.json. 20 steps, an attenuation step every 3: the end of
+    the phase (step 20) is no attenuation step, so removed_at tells the two kinds of removal apart."""
+    config = _config(tiny_npz, tmp_path / "run", criterion="random", reversible=True, factor=0.5,
+                     eps=0.1, interval=3, ramp="linear", ratio=0.5,
+                     epochs={"baseline": 1, "attenuation": 2, "recovery": 1, "finetune": 1})
+    summary = run(config, progress=False)
+    keys = ("steps_weak", "returns", "removed_at")
+    filters = [dict(zip(keys, values)) for layer in json.loads((tmp_path / "run" / "fates.json").read_text())
+               for values in zip(*(layer[k] for k in keys))]
+    removed = [f for f in filters if f["removed_at"] >= 0]
+    assert summary["returns"] == sum(f["returns"] for f in filters) > 0
+    assert summary["kept_returns"] == sum(f["returns"] > 0 and f["removed_at"] < 0 for f in filters) > 0
+    assert summary["removed_filters"] == len(removed)
+    assert summary["removed_during_phase"] == sum(f["removed_at"] < 20 for f in removed) > 0
+    assert summary["removed_filters"] - summary["removed_during_phase"] > 0
+    assert summary["mean_steps_weak_before_removal"] == pytest.approx(
+        sum(f["steps_weak"] for f in removed) / len(removed))
+    assert summary["churn"] > 0
+    assert "Filter fates: " in (tmp_path / "run" / "report.md").read_text()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_after", [1, 2, 3])
 def test_resume_is_bitwise_exact(tiny_npz, tmp_path, stop_after):
     """Interrupted after the baseline, inside/after attenuation, and after physical removal."""

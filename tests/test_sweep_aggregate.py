@@ -23,14 +23,20 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _summary(acc, base_acc=80.0, macs=50, base_macs=200, params=30, base_params=120,
-             latency=2.0, base_latency=None, returns=3, wall=10.0):
+             latency=2.0, base_latency=None, returns=3, wall=10.0, kept=1, churn=2.5, during=7,
+             fates=True):
+    """A summary.json; ``fates=False``: one written before the fate statistics existed."""
     baseline = {"accuracy": base_acc, "params": base_params, "macs": base_macs}
     if base_latency is not None:
         baseline["latency_ms"] = base_latency
-    return {"method": "attenuation", "criterion": "l1", "ratio": 0.5, "data_source": "synthetic",
-            "device": "cpu", "wall_seconds": wall, "baseline": baseline,
-            "pruned": {"accuracy": acc, "params": params, "macs": macs, "latency_ms": latency},
-            "returns": returns, "removed_filters": 7}
+    summary = {"method": "attenuation", "criterion": "l1", "ratio": 0.5, "data_source": "synthetic",
+               "device": "cpu", "wall_seconds": wall, "baseline": baseline,
+               "pruned": {"accuracy": acc, "params": params, "macs": macs, "latency_ms": latency},
+               "returns": returns, "removed_filters": 8}
+    if fates:
+        summary.update(kept_returns=kept, churn=churn, removed_during_phase=during,
+                       mean_steps_weak_before_removal=13.0)
+    return summary
 
 
 def _record(seed, summary=None, error=None, baseline_id=None, **config):
@@ -61,8 +67,10 @@ def test_stat_mean_and_sample_std_by_hand():
 
 def test_cells_hand_computed():
     records = [
-        _record(0, _summary(70.0, base_acc=80.0, macs=50, latency=2.0, base_latency=4.0, wall=10.0)),
-        _record(1, _summary(72.0, base_acc=81.0, macs=60, latency=2.0, base_latency=5.0, wall=20.0)),
+        _record(0, _summary(70.0, base_acc=80.0, macs=50, latency=2.0, base_latency=4.0, wall=10.0,
+                            kept=1, churn=2.0, during=2)),
+        _record(1, _summary(72.0, base_acc=81.0, macs=60, latency=2.0, base_latency=5.0, wall=20.0,
+                            kept=4, churn=3.0, during=8)),
         _record(2, error="out of memory"),
         _record(0, _summary(60.0, base_acc=80.0, returns=9), method="hard"),
     ]
@@ -80,6 +88,10 @@ def test_cells_hand_computed():
     assert att.stats["params_removed"].std == pytest.approx(0.0)
     assert att.stats["latency_ratio"].mean == pytest.approx(2.25)
     assert att.stats["wall_seconds"].mean == pytest.approx(15.0)
+    assert att.stats["kept_returns"].mean == pytest.approx(2.5)
+    assert att.stats["churn"].mean == pytest.approx(2.5)
+    # 2 and 8 of the 8 removed filters removed by attenuation steps: 25% and 100%
+    assert att.stats["removed_during_phase_percent"].mean == pytest.approx(62.5)
     hard = rows[("hard", 0.5)]
     assert (hard.seeds, hard.failed) == (1, 0)
     assert hard.stats["accuracy"].std is None
@@ -117,6 +129,27 @@ def test_cells_match_numpy_on_random_records():
         at_ratio = [row for row in rows.values() if row.options["ratio"] == ratio]
         best = max(at_ratio, key=lambda row: row.stats["accuracy"].mean)
         assert [row.best for row in at_ratio] == [row is best for row in at_ratio]
+
+
+def test_fate_columns_and_results_written_before_them(tmp_path):
+    """Kept returns and churn are columns; older summaries without the fate statistics still
+    load and aggregate, their cells' statistics over the trials that have them."""
+    records = [_record(0, _summary(70.0, kept=2, churn=1.5)), _record(1, _summary(71.0, fates=False)),
+               _record(0, _summary(60.0, fates=False), method="hard")]
+    sweep = _sweep_folder(tmp_path / "sweep", records)
+    rows = _by_method_ratio(cells(load_trials([sweep])))
+    att, hard = rows[("attenuation", 0.5)], rows[("hard", 0.5)]
+    assert att.seeds == 2 and att.stats["accuracy"].n == 2
+    assert (att.stats["kept_returns"].mean, att.stats["kept_returns"].n) == (2, 1)
+    assert (att.stats["churn"].mean, att.stats["churn"].n) == (1.5, 1)
+    assert hard.stats["churn"] == hard.stats["kept_returns"] == Stat(None, None, 0)
+    text = table_markdown([att, hard])
+    header = text.splitlines()[0]
+    assert "| kept returns | weak-set churn (filters/step) | removed during the phase (%) |" in header
+    assert "| 3.0 | 2.0 | 1.50 | 87.5 |" in text  # returns, kept returns, churn, 7 of 8 removed
+    assert "| 3.0 | — | — | — |" in text
+    null = _summary(70.0, churn=None)  # no attenuation step: churn is null
+    assert cells([_record(0, null)])[0].stats["churn"] == Stat(None, None, 0)
 
 
 def test_rows_sorted_by_ratio_then_method():
@@ -235,6 +268,8 @@ def test_record_json_round_trip_and_validation():
         TrialRecord("t", record.config, None, "ok", None, None)
     with pytest.raises(ValueError, match=r"summary.pruned.accuracy must be a finite number"):
         TrialRecord("t", record.config, None, "ok", None, _summary(float("nan")))
+    with pytest.raises(ValueError, match=r"summary.churn must be a finite number"):
+        TrialRecord("t", record.config, None, "ok", None, _summary(1.0, churn="high"))
     with pytest.raises(ValueError, match="config.ratio"):
         TrialRecord("t", {**record.config, "ratio": "half"}, None, "ok", None, _summary(1.0))
     with pytest.raises(ValueError, match="unexpected"):

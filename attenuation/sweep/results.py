@@ -22,6 +22,10 @@ STATUSES = ("ok", "failed")
 # The summary.json numbers the aggregation reads; latency_ms may be absent or null.
 _SECTION_KEYS = ("accuracy", "params", "macs")
 _OPTIONAL_LATENCY = "latency_ms"
+# Read where present: results written before the fate statistics lack them; churn and
+# mean_steps_weak_before_removal are null where undefined.
+_OPTIONAL_KEYS = ("removed_filters", "kept_returns", "churn", "removed_during_phase",
+                 "mean_steps_weak_before_removal")
 
 
 def _check_number(where: str, value, optional: bool = False) -> None:
@@ -32,7 +36,8 @@ def _check_number(where: str, value, optional: bool = False) -> None:
 
 
 def _check_summary(summary) -> None:
-    """The summary.json keys the tables read: present and numeric (extra keys are fine)."""
+    """The summary.json keys the tables read: present and numeric, or for ``_OPTIONAL_KEYS``
+    absent or null (extra keys are fine)."""
     if not isinstance(summary, Mapping):
         raise ValueError(f"summary must be an object, got {type(summary).__name__}")
     for section in ("baseline", "pruned"):
@@ -48,6 +53,8 @@ def _check_summary(summary) -> None:
         if key not in summary:
             raise ValueError(f"summary has no {key!r}")
         _check_number(f"summary.{key}", summary[key])
+    for key in _OPTIONAL_KEYS:
+        _check_number(f"summary.{key}", summary.get(key), optional=True)
 
 
 def _check_config(config) -> None:

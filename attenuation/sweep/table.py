@@ -28,6 +28,9 @@ METRICS = {
     "params_removed": ("params removed (%)", "{:.1f}", True),
     "latency_ratio": ("latency ratio (baseline / pruned)", "{:.2f}x", True),
     "returns": ("returns", "{:.1f}", False),
+    "kept_returns": ("kept returns", "{:.1f}", False),
+    "churn": ("weak-set churn (filters/step)", "{:.2f}", False),
+    "removed_during_phase_percent": ("removed during the phase (%)", "{:.1f}", False),
     "wall_seconds": ("wall time (s)", "{:.1f}", False),
 }
 _DASH = "—"
@@ -68,9 +71,11 @@ def _percent_removed(base: float, pruned: float) -> Optional[float]:
 
 def _trial_metrics(summary: Mapping) -> dict:
     """Each METRICS value of one ok trial, None where it cannot be computed (a cell's Stat is
-    over the trials that have the value: the latency ratio needs both latencies recorded)."""
+    over the trials that have the value: the latency ratio needs both latencies recorded, the
+    fate statistics a summary that has them, the share removed during the phase a removal)."""
     base, pruned = summary["baseline"], summary["pruned"]
     base_latency, pruned_latency = base.get("latency_ms"), pruned.get("latency_ms")
+    removed, during = summary.get("removed_filters"), summary.get("removed_during_phase")
     return {
         "accuracy": pruned["accuracy"],
         "accuracy_change": pruned["accuracy"] - base["accuracy"],
@@ -78,6 +83,9 @@ def _trial_metrics(summary: Mapping) -> dict:
         "params_removed": _percent_removed(base["params"], pruned["params"]),
         "latency_ratio": base_latency / pruned_latency if base_latency and pruned_latency else None,
         "returns": summary["returns"],
+        "kept_returns": summary.get("kept_returns"),
+        "churn": summary.get("churn"),
+        "removed_during_phase_percent": 100.0 * during / removed if removed and during is not None else None,
         "wall_seconds": summary["wall_seconds"],
     }
 
@@ -191,7 +199,11 @@ def table_markdown(rows: Sequence[Row]) -> str:
         f"Mean ± sample standard deviation over the seeds of a cell ({_DASH} with one seed); "
         "seeds: finished trials, failed: failed trials. Accuracy change is against each trial's "
         "own baseline; MACs and parameters removed are relative to it too. Latency ratio: baseline "
-        f"over pruned latency ({_DASH} where the baseline latency was not recorded). "
+        f"over pruned latency ({_DASH} where the baseline latency was not recorded). Kept returns: "
+        "filters that returned and were not removed; weak-set churn: filters entering or leaving "
+        "the weak set per attenuation step; removed during the phase: the share of the removed "
+        "filters removed by attenuation steps, the rest at the phase's end (docs/METHOD.md, "
+        f"\"Fate statistics\"; {_DASH} for results written before them). "
         "Bold: the best accuracy at its ratio.",
     ]
     return "\n".join(lines) + "\n"
