@@ -19,9 +19,10 @@ __all__ = ["RESULTS_FILE", "STATUSES", "TrialRecord", "append_result", "read_res
 
 RESULTS_FILE = "results.jsonl"
 STATUSES = ("ok", "failed")
-# The summary.json numbers the aggregation reads; latency_ms may be absent or null.
+# The summary.json numbers the aggregation reads; the optional ones may be absent (summaries written
+# before them) or null (latency not measured, no validation split).
 _SECTION_KEYS = ("accuracy", "params", "macs")
-_OPTIONAL_LATENCY = "latency_ms"
+_OPTIONAL_KEYS = ("latency_ms", "val_accuracy")
 
 
 def _check_number(where: str, value, optional: bool = False) -> None:
@@ -43,7 +44,8 @@ def _check_summary(summary) -> None:
             if key not in values:
                 raise ValueError(f"summary.{section} has no {key!r} (has {sorted(values)})")
             _check_number(f"summary.{section}.{key}", values[key])
-        _check_number(f"summary.{section}.{_OPTIONAL_LATENCY}", values.get(_OPTIONAL_LATENCY), True)
+        for key in _OPTIONAL_KEYS:
+            _check_number(f"summary.{section}.{key}", values.get(key), True)
     for key in ("returns", "wall_seconds"):
         if key not in summary:
             raise ValueError(f"summary has no {key!r}")
