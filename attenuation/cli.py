@@ -69,6 +69,11 @@ def field_options() -> dict[str, tuple[str, dict]]:
                                    "then the default places, else a download)")),
         "train_subset": (_WHERE, dict(type=int, metavar="N", help="train on N images (class-balanced)")),
         "test_subset": (_WHERE, dict(type=int, metavar="N", help="test on N images (class-balanced)")),
+        "val_split": (_WHERE, dict(type=int, metavar="N",
+                                   help="hold N training images out for validation (class-balanced, "
+                                        "fixed by the seed): each epoch is measured on them, the test "
+                                        "set only at each phase's end (default 0: no split, each "
+                                        "epoch on the test set)")),
         "device": (_WHERE, dict(help="auto, cpu, cuda or cuda:N")),
         "backend": (_WHERE, dict(help="ops backend (default: the fastest for the device)")),
         "latency_batch": (_WHERE, dict(type=int, metavar="N",

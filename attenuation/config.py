@@ -52,6 +52,8 @@ class RunConfig:
     data: Optional[str] = None
     train_subset: Optional[int] = None
     test_subset: Optional[int] = None
+    # training images held out for validation (data.hold_out); 0: none, the test set is measured each epoch
+    val_split: int = 0
     seed: int = 0
     device: str = "auto"
     backend: Optional[str] = None
@@ -97,6 +99,10 @@ class RunConfig:
             _require(self, name, lambda v: v >= 1, ">= 1")
         for name in ("train_subset", "test_subset"):
             _require(self, name, lambda v: v is None or v >= 1, ">= 1 (or unset: all images)")
+        _require(self, "val_split", lambda v: v >= 0, ">= 0 (0: no validation split)")
+        if self.train_subset is not None:  # against the whole training set: checked when it is loaded
+            _require(self, "val_split", lambda v: v < self.train_subset,
+                     f"smaller than train_subset ({self.train_subset}): some images must remain to train on")
         for name in ("width", "lr", "lr_pruning_fraction", "lr_finetune_fraction"):
             _require(self, name, lambda v: v > 0, "> 0")
         _require(self, "lr_warmup_fraction", lambda v: 0 < v < 1, "in (0, 1)")
@@ -162,8 +168,15 @@ def baseline_key(config: RunConfig | dict) -> dict:
     return key
 
 
+# Fields added after sweep folders existed, with the value that leaves a run as it was before them:
+# at that value they are left out of the baseline id, so the ids (the baselines/ folders) of earlier
+# sweeps stay valid.
+_ID_OMITS_AT = {"val_split": 0}
+
+
 def baseline_id(config: RunConfig | dict) -> str:
     """A short stable name of :func:`baseline_key`: the seed and a hash of the rest."""
-    key = baseline_key(config)
+    key = {k: v for k, v in baseline_key(config).items()
+           if not (k in _ID_OMITS_AT and v == _ID_OMITS_AT[k])}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     return f"baseline-s{key['seed']}-{digest}"

@@ -7,15 +7,16 @@ Every loaded data set carries a ``source`` string so that reports can say which 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import pickle
 import sys
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -35,9 +36,11 @@ __all__ = [
     "DeviceLoader",
     "download_cifar10",
     "find_cifar10",
+    "hold_out",
     "load_cifar10",
     "resolve_cifar10",
     "subset",
+    "validation_indices",
 ]
 
 ENV_VAR = "ATTENUATION_DATA"
@@ -65,13 +68,16 @@ class DataFormatError(ValueError):
 
 @dataclass(frozen=True)
 class CIFAR10:
-    """CIFAR-10 in memory: uint8 NCHW images, int64 labels, and where they came from."""
+    """CIFAR-10 in memory: uint8 NCHW images, int64 labels, and where they came from; ``x_val``
+    and ``y_val`` hold the training images held out for validation (:func:`hold_out`), if any."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
     source: str
+    x_val: Optional[torch.Tensor] = None
+    y_val: Optional[torch.Tensor] = None
 
 
 # --------------------------------------------------------------------------- locating
@@ -346,7 +352,57 @@ def subset(data: CIFAR10, n_train: int, n_test: int) -> CIFAR10:
             raise ValueError(f"{name}={n} is outside [0, {len(y)}]")
         idx = _class_balanced_first(y, n)
         parts += [x[idx], y[idx]]
-    return CIFAR10(*parts, source=f"{data.source}, subset {n_train} train / {n_test} test")
+    return CIFAR10(*parts, source=f"{data.source}, subset {n_train} train / {n_test} test",
+                   x_val=data.x_val, y_val=data.y_val)
+
+
+def _split_generator(seed: int) -> torch.Generator:
+    """The validation split's own generator: derived from the run's seed, but neither the global
+    RNG nor the loader's stream (a run without a split is unchanged, and the held-out images are
+    not correlated with the first epoch's order)."""
+    digest = hashlib.sha256(f"attenuation validation split, seed {seed}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def validation_indices(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """Ascending indices of the ``n`` samples to hold out for validation, fixed by ``seed``.
+
+    Class-balanced: every class gives ``n // 10`` samples, and ``n % 10`` distinct classes, drawn
+    at random among those with a sample to spare, give one more; within a class the samples are
+    drawn at random. A data set too unbalanced for this is refused, naming the class.
+    """
+    if not 0 <= n < len(labels):
+        raise ValueError(f"a validation split of {n} images needs 0 <= n < the {len(labels)} "
+                         "training images")
+    counts = torch.bincount(labels, minlength=NUM_CLASSES)
+    base, extra = divmod(n, NUM_CLASSES)
+    for c in range(NUM_CLASSES):
+        if counts[c] < base:
+            raise ValueError(f"class {c} has {int(counts[c])} training images, fewer than the {base} "
+                             f"that a validation split of {n} holds out of each class")
+    spare = torch.nonzero(counts > base).flatten()
+    if len(spare) < extra:
+        raise ValueError(f"a validation split of {n} holds out {base + 1} images of {extra} classes, "
+                         f"but only {len(spare)} classes have more than {base}")
+    generator = _split_generator(seed)
+    quota = torch.full((NUM_CLASSES,), base)
+    quota[spare[torch.randperm(len(spare), generator=generator)[:extra]]] += 1
+    chosen = []
+    for c in range(NUM_CLASSES):
+        members = torch.nonzero(labels == c).flatten()
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:int(quota[c])]])
+    return torch.cat(chosen).sort().values
+
+
+def hold_out(data: CIFAR10, n: int, seed: int) -> CIFAR10:
+    """``data`` with ``n`` training images (:func:`validation_indices`) moved to ``x_val`` /
+    ``y_val``; the rest train, in their original order."""
+    held = validation_indices(data.y_train, n, seed)
+    keep = torch.ones(len(data.y_train), dtype=torch.bool)
+    keep[held] = False
+    return replace(data, x_train=data.x_train[keep], y_train=data.y_train[keep],
+                   x_val=data.x_train[held], y_val=data.y_train[held],
+                   source=f"{data.source}, {n} training images held out for validation (seed {seed})")
 
 
 # --------------------------------------------------------------------------- batching

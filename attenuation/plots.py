@@ -87,8 +87,10 @@ def plot_training_curves(metrics: list[dict], path) -> Path:
     """Accuracy, loss and live-filter fraction against epoch, with phases shaded.
 
     ``metrics`` are the metrics.jsonl rows, one per epoch (keys ``phase``, ``epoch``,
-    ``train_loss``, ``train_acc``, ``test_loss``, ``test_acc``, ``live_fraction``);
-    missing or None values are skipped. Returns the written PNG path.
+    ``train_loss``, ``train_acc``, ``test_loss``, ``test_acc``, ``val_loss``, ``val_acc``,
+    ``live_fraction``); missing or None values are skipped, and a series with no value at all
+    (the test set's with a validation split, the validation's without) is not drawn. Returns the
+    written PNG path.
     """
     if not metrics:
         raise ValueError("plot_training_curves needs at least one metrics row")
@@ -104,14 +106,12 @@ def plot_training_curves(metrics: list[dict], path) -> Path:
     ax_acc, ax_loss, ax_live = fig.subplots(
         3, 1, sharex=True, gridspec_kw={"height_ratios": [3, 3, 2]}
     )
-    series = (
-        (ax_acc, "train_acc", "train"),
-        (ax_acc, "test_acc", "test"),
-        (ax_loss, "train_loss", "train"),
-        (ax_loss, "test_loss", "test"),
-    )
-    for ax, key, label in series:
-        _plot_series(ax, epochs, _column(metrics, key), label=label)
+    for ax, quantity in ((ax_acc, "acc"), (ax_loss, "loss")):
+        for split, label, color in (("train", "train", "C0"), ("test", "test", "C1"),
+                                    ("val", "validation", "C2")):
+            values = _column(metrics, f"{split}_{quantity}")
+            if np.isfinite(values).any():
+                _plot_series(ax, epochs, values, label=label, color=color)
     _plot_series(ax_live, epochs, _column(metrics, "live_fraction"), color="#333333")
 
     ax_acc.set_ylabel("accuracy (%)")

@@ -12,12 +12,21 @@ from .files import atomic_write_text
 
 __all__ = [
     "SUMMARY_KEYS",
+    "SECTION_KEYS",
     "PHASE_KEYS",
     "format_count",
     "make_summary",
     "write_summary",
     "write_report",
 ]
+
+# The numbers of summary.json's "baseline" and "pruned" sections and their types: accuracy is the
+# test set's, val_accuracy the validation split's (None without one: it is what variants are chosen
+# by), latency_ms None when not measured.
+_SECTION_TYPES: dict[str, type] = {"accuracy": float, "params": int, "macs": int, "latency_ms": float,
+                                   "val_accuracy": float}
+_SECTION_OPTIONAL = ("latency_ms", "val_accuracy")
+SECTION_KEYS = tuple(_SECTION_TYPES)
 
 # The exact summary.json schema: top-level key -> its sub-keys (None for a scalar).
 # Iterating yields the top-level keys in the order they are written.
@@ -28,8 +37,8 @@ SUMMARY_KEYS: dict[str, tuple[str, ...] | None] = {
     "data_source": None,
     "device": None,
     "wall_seconds": None,
-    "baseline": ("accuracy", "params", "macs", "latency_ms"),
-    "pruned": ("accuracy", "params", "macs", "latency_ms"),
+    "baseline": SECTION_KEYS,
+    "pruned": SECTION_KEYS,
     "returns": None,
     "removed_filters": None,
     # fate statistics (attenuation/fates.py; docs/METHOD.md, "Fate statistics")
@@ -40,7 +49,7 @@ SUMMARY_KEYS: dict[str, tuple[str, ...] | None] = {
 }
 
 # Keys a phase row of the report table may carry; all but "phase" may be missing or None.
-PHASE_KEYS = ("phase", "accuracy", "params", "macs", "latency_ms", "seconds")
+PHASE_KEYS = ("phase", "accuracy", "val_accuracy", "params", "macs", "latency_ms", "seconds")
 _DASH = "—"
 _UNITS = ("", "K", "M", "G", "T")
 
@@ -118,10 +127,11 @@ def make_summary(
 ) -> dict:
     """The summary.json content, exactly ``SUMMARY_KEYS``, with plain Python numbers.
 
-    ``baseline`` and ``pruned`` need accuracy/params/macs and latency_ms (None when
-    not measured); extra keys in either are ignored. Accuracies are in percent. The
-    last four are :class:`attenuation.fates.FateStatistics` fields; churn is None without
-    an attenuation step, mean_steps_weak_before_removal when no filter was removed.
+    ``baseline`` and ``pruned`` need every ``SECTION_KEYS`` key: accuracy/params/macs, latency_ms
+    (None when not measured) and val_accuracy (None without a validation split); extra keys in
+    either are ignored. Accuracies are in percent. The last four are
+    :class:`attenuation.fates.FateStatistics` fields; churn is None without an attenuation step,
+    mean_steps_weak_before_removal when no filter was removed.
     """
     summary = {
         "method": str(method),
@@ -130,16 +140,8 @@ def make_summary(
         "data_source": str(data_source),
         "device": str(device),
         "wall_seconds": _number("wall_seconds", wall_seconds, float),
-        "baseline": _section(
-            "baseline", baseline, {"accuracy": float, "params": int, "macs": int, "latency_ms": float},
-            optional=("latency_ms",),
-        ),
-        "pruned": _section(
-            "pruned",
-            pruned,
-            {"accuracy": float, "params": int, "macs": int, "latency_ms": float},
-            optional=("latency_ms",),
-        ),
+        "baseline": _section("baseline", baseline, _SECTION_TYPES, optional=_SECTION_OPTIONAL),
+        "pruned": _section("pruned", pruned, _SECTION_TYPES, optional=_SECTION_OPTIONAL),
         "returns": _number("returns", returns, int),
         "removed_filters": _number("removed_filters", removed_filters, int),
         "kept_returns": _number("kept_returns", kept_returns, int),
@@ -189,10 +191,12 @@ def _cell(value, fmt) -> str:
 
 
 def _phase_rows(phases: list[dict], latency_batch: int) -> list[str]:
+    """The phase table; a validation accuracy column when some row has one."""
+    with_val = any(row.get("val_accuracy") is not None for row in phases)
     lines = [
-        f"| phase | test accuracy (%) | parameters | MACs | latency (ms, batch {latency_batch}) "
-        "| wall time (s) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| phase | test accuracy (%) | " + ("validation accuracy (%) | " if with_val else "")
+        + f"parameters | MACs | latency (ms, batch {latency_batch}) | wall time (s) |",
+        "| --- |" + " ---: |" * (6 if with_val else 5),
     ]
     for i, row in enumerate(phases):
         unknown = set(row) - set(PHASE_KEYS)
@@ -204,6 +208,7 @@ def _phase_rows(phases: list[dict], latency_batch: int) -> list[str]:
         cells = (
             str(row["phase"]),
             _cell(row.get("accuracy"), lambda v: f"{v:.2f}"),
+            *([_cell(row.get("val_accuracy"), lambda v: f"{v:.2f}")] if with_val else []),
             _cell(row.get("params"), format_count),
             _cell(row.get("macs"), format_count),
             _cell(row.get("latency_ms"), lambda v: f"{v:.2f}"),
@@ -227,12 +232,16 @@ def _comparison(summary: Mapping, baseline_latency_ms: float | None) -> str:
     else:
         latency = f"latency speedup {_DASH} (not measured)"
     accuracy_change = f"{pruned['accuracy'] - base['accuracy']:+.2f}".replace("-", "−")
+    validation = ""
+    if base["val_accuracy"] is not None and pruned["val_accuracy"] is not None:
+        validation = (f", validation accuracy {pruned['val_accuracy']:.2f}% vs "
+                      f"{base['val_accuracy']:.2f}%")
     return (
         f"Pruned vs baseline: MACs {format_count(pruned['macs'])} vs "
         f"{format_count(base['macs'])} (reduction {reduction('macs')}), parameters "
         f"{format_count(pruned['params'])} vs {format_count(base['params'])} "
         f"(reduction {reduction('params')}), {latency}, accuracy {pruned['accuracy']:.2f}% vs "
-        f"{base['accuracy']:.2f}% ({accuracy_change} points)."
+        f"{base['accuracy']:.2f}% ({accuracy_change} points){validation}."
     )
 
 
@@ -256,8 +265,9 @@ def write_report(
 ) -> Path:
     """Write report.md (atomically) and return its path.
 
-    ``phases`` rows hold ``PHASE_KEYS``: phase, accuracy (test, %), params, macs,
-    latency_ms (measured at batch ``latency_batch``), seconds; all but phase may be None.
+    ``phases`` rows hold ``PHASE_KEYS``: phase, accuracy (test, %), val_accuracy (%, with a
+    validation split), params, macs, latency_ms (measured at batch ``latency_batch``), seconds;
+    all but phase may be None.
     The baseline latency used for the speedup is taken from the row whose phase is
     "baseline". ``plots`` are file names relative to the report.
     """

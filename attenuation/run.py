@@ -14,7 +14,7 @@ import torch.nn as nn
 from . import plots, report
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import PHASES, RunConfig, baseline_key
-from .data import CIFAR10, DeviceLoader, find_cifar10, load_cifar10, subset
+from .data import CIFAR10, DeviceLoader, find_cifar10, hold_out, load_cifar10, subset
 from .devices import check_backend, describe_device, resolve_device
 from .fates import fate_statistics
 from .files import atomic_write_text, remove_stale_temporaries
@@ -76,6 +76,8 @@ class Run:
                                          train=True, seed=config.seed, channels_last=self.channels_last)
         self.test_loader = DeviceLoader(data.x_test, data.y_test, 500, self.device, train=False,
                                         channels_last=self.channels_last)
+        self.val_loader = None if data.x_val is None else DeviceLoader(
+            data.x_val, data.y_val, 500, self.device, train=False, channels_last=self.channels_last)
         self.model: nn.Module = self._to_device(vgg(config.depth, config.width))
         self.pruner: Optional[Pruner] = Pruner(self.model, config.pruning_config(),
                                                backend=config.backend, seed=config.seed)
@@ -94,17 +96,25 @@ class Run:
 
     # ------------------------------------------------------------------ setup
     def _load_data(self, download: bool) -> CIFAR10:
-        """CIFAR-10 (found, else downloaded), cut to the configured subsets; refused when the
-        training set cannot fill one batch (the loader drops partial batches: no step would run)."""
+        """CIFAR-10 (found, else downloaded), cut to the configured subsets, the validation split
+        held out; refused when the training set cannot fill one batch (the loader drops partial
+        batches: no step would run)."""
         c = self.config
         data = load_cifar10(find_cifar10(c.data, download=download))
         n_train = min(c.train_subset or len(data.y_train), len(data.y_train))
         n_test = min(c.test_subset or len(data.y_test), len(data.y_test))
         if (n_train, n_test) != (len(data.y_train), len(data.y_test)):
             data = subset(data, n_train, n_test)
-        if c.batch_size > n_train:
-            raise ValueError(f"batch_size {c.batch_size} is larger than the {n_train} training images: "
-                             "every epoch would drop its only, partial batch and train nothing")
+        if c.val_split >= n_train:
+            raise ValueError(f"val_split {c.val_split} must be smaller than the {n_train} training "
+                             "images: some must remain to train on")
+        if c.val_split:
+            data = hold_out(data, c.val_split, c.seed)
+        if c.batch_size > len(data.y_train):
+            left = f" left after holding {c.val_split} out for validation" if c.val_split else ""
+            raise ValueError(f"batch_size {c.batch_size} is larger than the {len(data.y_train)} training "
+                             f"images{left}: every epoch would drop its only, partial batch and train "
+                             "nothing")
         return data
 
     def _to_device(self, model: nn.Module) -> nn.Module:
@@ -218,12 +228,15 @@ class Run:
         self._check_finite(result.loss, f"the {phase} phase, epoch {epoch + 1}/{n_epochs}")
         if pruner is not None:
             pruner.live_masks()  # the convs' masks of the epoch's last attenuation step, for the MAC count below
-        test_loss, test_acc = evaluate(self.model, self.test_loader)
+        # with a validation split every epoch is measured on it, and the test set only at phase ends
+        held_out = "test" if self.val_loader is None else "val"
+        held_out_loss, held_out_acc = evaluate(self.model, self.test_loader if self.val_loader is None
+                                               else self.val_loader)
         self.state["epoch_in_phase"] += 1
         self.state["global_epoch"] += 1
         row = {"phase": phase, "epoch": self.state["global_epoch"], "phase_epoch": epoch + 1,
-               "train_loss": result.loss, "train_acc": result.accuracy, "test_loss": test_loss,
-               "test_acc": test_acc, "live_fraction": self._live_fraction(),
+               "train_loss": result.loss, "train_acc": result.accuracy, f"{held_out}_loss": held_out_loss,
+               f"{held_out}_acc": held_out_acc, "live_fraction": self._live_fraction(),
                "lr": schedule.at(phase, (epoch + 1) * steps - 1, total),
                "seconds": result.seconds, "images_per_second": result.images / result.seconds,
                "pruning_seconds": result.pruning_seconds, "macs": count_macs(self.model, live_only=True)}
@@ -234,7 +247,8 @@ class Run:
             self.on_epoch(row)
         if self.progress:
             print(f"[{phase} {epoch + 1}/{n_epochs}] loss {result.loss:.3f} train {result.accuracy:.1f}% "
-                  f"test {test_acc:.2f}% live {row['live_fraction']:.2f} ({result.seconds:.0f}s)", flush=True)
+                  f"{held_out} {held_out_acc:.2f}% live {row['live_fraction']:.2f} ({result.seconds:.0f}s)",
+                  flush=True)
 
     def _check_finite(self, loss: float, where: str) -> None:
         """Stop before a diverged epoch is checkpointed: the checkpoint on disk stays the last good one."""
@@ -280,12 +294,14 @@ class Run:
     def _record_phase(self, phase: str) -> None:
         with torch.random.fork_rng(devices=[]):  # measurements must not perturb training's RNG
             _, accuracy = evaluate(self.model, self.test_loader)
+            val_accuracy = None if self.val_loader is None else evaluate(self.model, self.val_loader)[1]
             latency = measure_latency(self.model, batch_size=self.config.latency_batch,
                                       device=self.device, channels_last=self.channels_last,
                                       autocast_dtype=torch.bfloat16 if self.device.type == "cuda" else None)
         seconds = sum(row["seconds"] for row in self.state["metrics"] if row["phase"] == phase)
         self.state["phases"].append({
-            "phase": phase, "accuracy": accuracy, "params": count_parameters(self.model),
+            "phase": phase, "accuracy": accuracy, "val_accuracy": val_accuracy,
+            "params": count_parameters(self.model),
             "macs": count_macs(self.model, live_only=True), "latency_ms": latency["median_ms"],
             "seconds": seconds})
 
@@ -304,8 +320,9 @@ class Run:
         summary = report.make_summary(
             method=c.method, criterion=c.criterion, ratio=c.ratio, data_source=self.data_source,
             device=describe_device(self.device), wall_seconds=self.state["wall_seconds"],
-            baseline={k: phases["baseline"][k] for k in ("accuracy", "params", "macs", "latency_ms")},
-            pruned={k: phases["finetune"][k] for k in ("accuracy", "params", "macs", "latency_ms")},
+            # .get: phase rows of a checkpoint older than the validation split lack val_accuracy
+            baseline={k: phases["baseline"].get(k) for k in report.SECTION_KEYS},
+            pruned={k: phases["finetune"].get(k) for k in report.SECTION_KEYS},
             returns=record["returns"], removed_filters=record["removed_filters"],
             kept_returns=fates.kept_returns, churn=fates.churn,
             removed_during_phase=fates.removed_during_phase,

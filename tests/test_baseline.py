@@ -46,10 +46,18 @@ def test_the_baseline_key_ignores_exactly_the_later_fields():
     epochs = {"baseline": 1, "attenuation": 3, "recovery": 0, "finetune": 2}
     assert baseline_id(preset_config("smoke", epochs=epochs)) == baseline_id(base)
     for name, value in (("lr", 0.05), ("seed", 1), ("width", 0.125), ("batch_size", 32),
-                        ("lr_warmup_fraction", 0.2), ("data", "x.npz")):
+                        ("lr_warmup_fraction", 0.2), ("data", "x.npz"), ("val_split", 100)):
         assert baseline_id(preset_config("smoke", **{name: value})) != baseline_id(base), name
     assert baseline_id(preset_config("smoke", epochs={"baseline": 2})) != baseline_id(base)
     assert baseline_key(base)["epochs"] == {"baseline": 1}
+
+
+def test_baseline_ids_of_earlier_sweeps_stay_valid():
+    """A field added later, at the value that leaves runs as they were, does not change the id
+    (the name of a sweep's baselines/ folder): literals computed before val_split existed."""
+    assert baseline_id(preset_config("smoke")) == "baseline-s0-d56a4bf369"
+    assert baseline_id(preset_config("quick", seed=3)) == "baseline-s3-7b153d00fc"
+    assert baseline_key(preset_config("smoke"))["val_split"] == 0  # compared on --baseline all the same
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ SAMPLES = {
     "lr_warmup_start": ("0.25", 0.25), "lr_pruning_fraction": ("0.3", 0.3),
     "lr_finetune_fraction": ("0.2", 0.2), "momentum": ("0.8", 0.8), "weight_decay": ("1e-4", 1e-4),
     "label_smoothing": ("0.05", 0.05), "data": ("some/where.npz", "some/where.npz"),
-    "train_subset": ("1000", 1000), "test_subset": ("200", 200), "seed": ("7", 7),
+    "train_subset": ("1000", 1000), "test_subset": ("200", 200), "val_split": ("500", 500), "seed": ("7", 7),
     "device": ("cpu", "cpu"), "backend": ("reference", "reference"), "latency_batch": ("16", 16),
     "out": ("runs/x", "runs/x"),
 }
@@ -83,6 +83,8 @@ def test_non_finite_numbers_are_refused(tmp_path, capsys, option, value):
     (["--label-smoothing", "1.5"], "label_smoothing must be in [0, 1]"),
     (["--test-subset", "0"], "test_subset must be >= 1"),
     (["--latency-batch", "0"], "latency_batch must be >= 1"),
+    (["--val-split", "-1"], "val_split must be >= 0 (0: no validation split), got -1"),
+    (["--train-subset", "100", "--val-split", "100"], "val_split must be smaller than train_subset (100)"),
     (["--device", "tpu"], "device 'tpu'"),
 ])
 def test_out_of_range_values_are_refused(tmp_path, capsys, argv, message):

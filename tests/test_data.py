@@ -19,9 +19,11 @@ from attenuation.data import (
     DeviceLoader,
     download_cifar10,
     find_cifar10,
+    hold_out,
     load_cifar10,
     resolve_cifar10,
     subset,
+    validation_indices,
 )
 
 SHARED_NPZ = Path("/work/shared/data/cifar10.npz")
@@ -389,6 +391,67 @@ def test_subset_is_class_balanced_and_ordered(tmp_path):
     assert small.source.startswith(ds.source) and "subset 25 train / 30 test" in small.source
     with pytest.raises(ValueError, match="n_test=31"):
         subset(ds, 10, 31)
+
+
+# --------------------------------------------------------------------------- validation split
+
+
+def _shuffled_labels(n, seed):
+    """``n`` labels, every class 20 to 30 times (n >= 300), in a random order."""
+    rng = np.random.default_rng(seed)
+    labels = np.concatenate([np.full(rng.integers(20, 31), c) for c in range(10)])
+    labels = np.concatenate([labels, rng.integers(0, 10, n - len(labels))])
+    return torch.from_numpy(rng.permutation(labels).astype(np.int64))
+
+
+@pytest.mark.parametrize("n", [10, 70, 123, 199])
+def test_validation_split_is_class_balanced_and_fixed_by_the_seed(n):
+    labels = _shuffled_labels(300, seed=n)
+    held = validation_indices(labels, n, seed=4)
+    assert held.tolist() == sorted(set(held.tolist())) and len(held) == n  # ascending, no repeats
+    counts = torch.bincount(labels[held], minlength=10)
+    base, extra = divmod(n, 10)
+    assert int((counts == base + 1).sum()) == extra and int((counts == base).sum()) == 10 - extra
+    assert torch.equal(validation_indices(labels, n, seed=4), held)
+    others = [validation_indices(labels, n, seed=s) for s in range(5, 9)]
+    assert all(not torch.equal(other, held) for other in others)
+    # within a class the images are drawn, not the first ones taken
+    first = torch.cat([torch.nonzero(labels == c).flatten()[:int(counts[c])] for c in range(10)]).sort().values
+    assert not torch.equal(held, first)
+
+
+def test_validation_split_does_not_touch_the_global_rng():
+    labels = _shuffled_labels(300, seed=0)
+    before = torch.get_rng_state()
+    validation_indices(labels, 50, seed=0)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_hold_out_moves_the_images_out_of_training(tmp_path):
+    arrays = _arrays(n_train=300, n_test=30)
+    arrays["y_train"] = _shuffled_labels(300, seed=1).numpy().astype(np.uint8)
+    ds = load_cifar10(_write_npz(tmp_path / "c.npz", **arrays))
+    split = hold_out(ds, 40, seed=3)
+    held = validation_indices(ds.y_train, 40, seed=3)
+    kept = sorted(set(range(300)) - set(held.tolist()))
+    assert torch.equal(split.x_val, ds.x_train[held]) and torch.equal(split.y_val, ds.y_train[held])
+    assert torch.equal(split.x_train, ds.x_train[kept]) and torch.equal(split.y_train, ds.y_train[kept])
+    assert torch.equal(split.x_test, ds.x_test) and torch.equal(split.y_test, ds.y_test)
+    assert "40 training images held out for validation (seed 3)" in split.source
+    assert ds.x_val is None and split.source.startswith(ds.source)
+
+
+def test_bad_validation_splits_are_refused():
+    labels = torch.arange(100) % 10
+    for n in (-1, 100, 101):
+        with pytest.raises(ValueError, match=f"validation split of {n} images needs 0 <= n < the 100"):
+            validation_indices(labels, n, seed=0)
+    labels[labels == 3] = 4  # class 3 has no image at all
+    with pytest.raises(ValueError, match="class 3 has 0 training images, fewer than the 1"):
+        validation_indices(labels, 10, seed=0)
+    lopsided = torch.cat([torch.zeros(50, dtype=torch.int64), torch.arange(1, 10).repeat(2)])
+    with pytest.raises(ValueError, match="only 1 classes have more than 2"):
+        validation_indices(lopsided, 25, seed=0)
 
 
 # --------------------------------------------------------------------------- loader

@@ -11,6 +11,7 @@ from attenuation import plots
 from attenuation.fates import fate_statistics
 from attenuation.plots import plot_filter_fates, plot_training_curves
 from attenuation.report import (
+    SECTION_KEYS,
     SUMMARY_KEYS,
     format_count,
     make_summary,
@@ -20,9 +21,10 @@ from attenuation.report import (
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-BASELINE = {"accuracy": 93.5, "params": 14_728_266, "macs": 313_207_808, "latency_ms": 9.8}
+BASELINE = {"accuracy": 93.5, "params": 14_728_266, "macs": 313_207_808, "latency_ms": 9.8,
+            "val_accuracy": None}
 PRUNED = {"accuracy": np.float32(92.1), "params": np.int64(4_100_000), "macs": 87_100_000,
-          "latency_ms": torch.tensor(3.1)}
+          "latency_ms": torch.tensor(3.1), "val_accuracy": None}
 
 
 def _summary(**overrides):
@@ -46,8 +48,8 @@ def _assert_png(path):
 def test_summary_has_exact_keys():
     summary = _summary()
     assert set(summary) == set(SUMMARY_KEYS)
-    assert set(summary["baseline"]) == {"accuracy", "params", "macs", "latency_ms"}
-    assert set(summary["pruned"]) == {"accuracy", "params", "macs", "latency_ms"}
+    assert set(summary["baseline"]) == {"accuracy", "params", "macs", "latency_ms", "val_accuracy"}
+    assert set(summary["pruned"]) == set(SECTION_KEYS) == set(summary["baseline"])
     assert set(summary) == {
         "method", "criterion", "ratio", "data_source", "device", "wall_seconds",
         "baseline", "pruned", "returns", "removed_filters", "kept_returns", "churn",
@@ -66,12 +68,22 @@ def test_summary_casts_to_plain_python_numbers():
 
 
 @pytest.mark.parametrize("section,key", [("baseline", "macs"), ("pruned", "latency_ms"),
-                                         ("pruned", "accuracy")])
+                                         ("pruned", "accuracy"), ("baseline", "val_accuracy")])
 def test_missing_key_raises_naming_it(section, key):
     given = dict(BASELINE if section == "baseline" else PRUNED)
     del given[key]
     with pytest.raises(ValueError, match=key):
         _summary(**{section: given})
+
+
+def test_val_accuracy_is_a_number_or_none():
+    summary = _summary(baseline={**BASELINE, "val_accuracy": np.float64(88.25)},
+                       pruned={**PRUNED, "val_accuracy": 87})
+    assert summary["baseline"]["val_accuracy"] == 88.25 and type(summary["pruned"]["val_accuracy"]) is float
+    assert summary["baseline"]["accuracy"] == 93.5  # the existing keys are untouched
+    assert _summary()["pruned"]["val_accuracy"] is None
+    with pytest.raises(ValueError, match="pruned.val_accuracy must be finite"):
+        _summary(pruned={**PRUNED, "val_accuracy": float("inf")})
 
 
 def test_non_numbers_are_rejected():
@@ -151,6 +163,23 @@ def test_report_contents(tmp_path):
     assert "![curves](curves.png)" in text and "(filter_fates.png)" in text
     assert "<details>" in text and '"lr": 0.1' in text
     assert "- a note" in text
+    assert "validation" not in text  # no split: the report is as before it
+
+
+def test_report_with_a_validation_split(tmp_path):
+    phases = [{**row, "val_accuracy": 90.0 + i} for i, row in enumerate(_phases())]
+    phases[1]["val_accuracy"] = None
+    summary = _summary(baseline={**BASELINE, "val_accuracy": 90.0}, pruned={**PRUNED, "val_accuracy": 92.0})
+    text = write_report(
+        tmp_path / "report.md", title="t", config={}, data_source="x", device="cpu", phases=phases,
+        latency_batch=64, summary=summary, plots=[],
+    ).read_text()
+    assert "| phase | test accuracy (%) | validation accuracy (%) | parameters |" in text
+    assert "| --- | ---: | ---: | ---: | ---: | ---: | ---: |" in text
+    assert "| baseline | 93.50 | 90.00 | 14.7M | 313.2M | 9.80 | 600.0 |" in text
+    assert "| attenuation | 91.00 | — | 14.7M |" in text
+    assert "| finetune | 92.10 | 92.00 | 4.1M |" in text
+    assert "validation accuracy 92.00% vs 90.00%." in text
 
 
 def test_report_without_jpeg_note_or_latency(tmp_path):
@@ -199,6 +228,20 @@ def _metrics(n_epochs):
 
 def test_training_curves_png(tmp_path):
     _assert_png(plot_training_curves(_metrics(12), tmp_path / "a" / "curves.png"))
+
+
+def test_training_curves_draw_the_held_out_set_the_rows_have(tmp_path, monkeypatch):
+    drawn = []
+    original = plots._plot_series
+    monkeypatch.setattr(plots, "_plot_series", lambda ax, x, y, **kw: (drawn.append(kw.get("label")),
+                                                                       original(ax, x, y, **kw)))
+    _assert_png(plot_training_curves(_metrics(6), tmp_path / "test.png"))
+    assert drawn == ["train", "test", "train", "test", None]  # accuracy, loss, live fraction
+    drawn.clear()
+    rows = [{**{k: v for k, v in row.items() if not k.startswith("test_")},
+             "val_loss": 2.1 / row["epoch"], "val_acc": 47 + row["epoch"]} for row in _metrics(6)]
+    _assert_png(plot_training_curves(rows, tmp_path / "val.png"))
+    assert drawn == ["train", "validation", "train", "validation", None]
 
 
 def test_training_curves_single_epoch_without_test(tmp_path):

@@ -6,6 +6,7 @@ import stat
 import pytest
 import torch
 
+from attenuation import run as run_module
 from attenuation.checkpoint import CHECKPOINT_FORMAT
 from attenuation.cli import main
 from attenuation.config import RunConfig, preset_config
@@ -41,6 +42,8 @@ def test_smoke_run_writes_every_output(tiny_npz, tmp_path, umask_022):
     assert summary["pruned"]["params"] < summary["baseline"]["params"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in rows] == ["baseline", "attenuation", "recovery", "finetune"]
+    assert all("test_acc" in r and "val_acc" not in r for r in rows)  # no validation split
+    assert summary["baseline"]["val_accuracy"] is None and summary["pruned"]["val_accuracy"] is None
     assert rows[1]["pruning_seconds"] > rows[0]["pruning_seconds"] >= 0  # the baseline only calls a no-op
     assert rows[0]["macs"] == summary["baseline"]["macs"] and rows[-1]["macs"] == summary["pruned"]["macs"]
     report = (out / "report.md").read_text()
@@ -93,6 +96,75 @@ def test_resume_is_bitwise_exact(tiny_npz, tmp_path, stop_after):
     assert full["pruned"]["accuracy"] == resumed["pruned"]["accuracy"]
     rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
+
+
+def _models_equal(a, b):
+    a = torch.load(a / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(b / "model.pt", weights_only=True)["state_dict"]
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_val_split_zero_is_the_run_without_the_field(tiny_npz, tmp_path):
+    """val_split 0 takes nothing from the global RNG or the loader's generator: the run, from a
+    config without the field (as an older config.json), is bitwise the same."""
+    without = {k: v for k, v in _config(tiny_npz, tmp_path / "absent").to_dict().items() if k != "val_split"}
+    absent = run(RunConfig(**without), progress=False)
+    zero = run(_config(tiny_npz, tmp_path / "zero", val_split=0), progress=False)
+    assert _models_equal(tmp_path / "absent", tmp_path / "zero")
+    assert absent["baseline"]["accuracy"] == zero["baseline"]["accuracy"]
+    assert absent["pruned"]["accuracy"] == zero["pruned"]["accuracy"]
+    losses = [[json.loads(line)["train_loss"] for line in (tmp_path / name / "metrics.jsonl").open()]
+              for name in ("absent", "zero")]
+    assert losses[0] == losses[1]
+
+
+@pytest.mark.slow
+def test_a_validation_split_measures_the_epochs_and_the_test_set_once_per_phase(tiny_npz, tmp_path,
+                                                                              monkeypatch):
+    out = tmp_path / "run"
+    the_run = Run(_config(tiny_npz, out, val_split=40), progress=False)
+    assert (len(the_run.train_loader.labels), len(the_run.val_loader.labels)) == (280, 40)
+    evaluated = []
+    original = run_module.evaluate
+    monkeypatch.setattr(run_module, "evaluate", lambda model, loader: (evaluated.append(
+        "test" if loader is the_run.test_loader else "val" if loader is the_run.val_loader else "?"),
+        original(model, loader))[1])
+    summary = the_run.execute()
+    assert evaluated.count("test") == 5  # baseline, attenuation, recovery, removal, finetune
+    assert evaluated.count("val") == 4 + 5 and "?" not in evaluated  # every epoch, every phase end
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("val_loss" in r and "val_acc" in r and not any(k.startswith("test") for k in r) for r in rows)
+    phases = {row["phase"]: row for row in the_run.state["phases"]}
+    assert phases["baseline"]["val_accuracy"] == rows[0]["val_acc"] == summary["baseline"]["val_accuracy"]
+    assert phases["finetune"]["val_accuracy"] == rows[-1]["val_acc"] == summary["pruned"]["val_accuracy"]
+    assert summary["pruned"]["accuracy"] == phases["finetune"]["accuracy"]  # the test set's
+    assert "40 training images held out for validation (seed 0)" in summary["data_source"]
+    assert "| validation accuracy (%) |" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_resume_with_a_validation_split_is_bitwise_exact(tiny_npz, tmp_path):
+    config = dict(val_split=30, criterion="random")
+    full = run(_config(tiny_npz, tmp_path / "full", **config), progress=False)
+    assert run(_config(tiny_npz, tmp_path / "cut", **config), progress=False, stop_after_epochs=2) is None
+    resumed = run(_config(tiny_npz, tmp_path / "cut", **config), progress=False, resume=True)
+    assert _models_equal(tmp_path / "full", tmp_path / "cut")
+    assert full["pruned"]["val_accuracy"] == resumed["pruned"]["val_accuracy"]
+    assert full["baseline"]["val_accuracy"] == resumed["baseline"]["val_accuracy"]
+
+
+def test_bad_validation_splits_are_refused_before_training(tiny_npz, tmp_path):
+    with pytest.raises(ValueError, match="val_split 320 must be smaller than the 320 training images"):
+        Run(_config(tiny_npz, tmp_path / "run", val_split=320), progress=False)
+    with pytest.raises(ValueError, match="batch_size 32 is larger than the 20 training images left after "
+                                         "holding 300 out for validation"):
+        Run(_config(tiny_npz, tmp_path / "run", val_split=300), progress=False)
+    with pytest.raises(ValueError, match="val_split must be smaller than train_subset \\(50\\)"):
+        Run(_config(tiny_npz, tmp_path / "run", val_split=50, train_subset=50), progress=False)
+    with pytest.raises(TypeError, match="val_split must be int, got 0.5"):
+        Run(_config(tiny_npz, tmp_path / "run", val_split=0.5), progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_refuses_another_configuration(tiny_npz, tmp_path):

@@ -144,6 +144,8 @@ def test_the_grid_is_the_cross_product_of_validated_runs(tmp_path):
     epochs = expand({"preset": ["smoke"], "epochs_baseline": [1, 2]}, tmp_path)
     assert [t.config.epochs["baseline"] for t in epochs] == [1, 2]
     assert epochs[0].baseline_id != epochs[1].baseline_id
+    split = expand({"preset": ["smoke"], "val_split": [0, 40]}, tmp_path)  # the split changes the baseline
+    assert [t.config.val_split for t in split] == [0, 40] and split[0].baseline_id != split[1].baseline_id
 
 
 @pytest.mark.parametrize("grid,message", [
@@ -153,6 +155,7 @@ def test_the_grid_is_the_cross_product_of_validated_runs(tmp_path):
     (["--ratio", "0.5,1.5"], "ratio=1.5"),
     (["--lr", "0.1,nan"], "lr must be a finite number"),
     (["--reversible", "true,maybe"], "--reversible: invalid value 'maybe'"),
+    (["--val-split", "0,-5"], "val_split must be >= 0"),
 ])
 def test_bad_lists_fail_before_anything_runs(tmp_path, capsys, grid, message):
     out = tmp_path / "sweep"

@@ -24,14 +24,17 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def _summary(acc, base_acc=80.0, macs=50, base_macs=200, params=30, base_params=120,
              latency=2.0, base_latency=None, returns=3, wall=10.0, kept=1, churn=2.5, during=7,
-             fates=True):
-    """A summary.json; ``fates=False``: one written before the fate statistics existed."""
+             fates=True, val=None):
+    """A summary.json; ``fates=False``: one written before the fate statistics existed; without
+    ``val`` as written before the validation split (no val_accuracy)."""
     baseline = {"accuracy": base_acc, "params": base_params, "macs": base_macs}
     if base_latency is not None:
         baseline["latency_ms"] = base_latency
+    pruned = {"accuracy": acc, "params": params, "macs": macs, "latency_ms": latency}
+    if val is not None:
+        baseline["val_accuracy"], pruned["val_accuracy"] = base_acc - 1, val
     summary = {"method": "attenuation", "criterion": "l1", "ratio": 0.5, "data_source": "synthetic",
-               "device": "cpu", "wall_seconds": wall, "baseline": baseline,
-               "pruned": {"accuracy": acc, "params": params, "macs": macs, "latency_ms": latency},
+               "device": "cpu", "wall_seconds": wall, "baseline": baseline, "pruned": pruned,
                "returns": returns, "removed_filters": 8}
     if fates:
         summary.update(kept_returns=kept, churn=churn, removed_during_phase=during,
@@ -200,8 +203,44 @@ def test_markdown_failed_one_seed_and_bold(tmp_path):
     assert "| 2 | 0 | **72.00 ± 2.83** | -8.00 ± 2.83 |" in lines["attenuation@0.3"]
     assert "| 1 | 0 | 71.50 ± — |" in lines["hard@0.3"]
     assert "**65.00 ± —**" in lines["hard@0.6"]
-    assert lines["sfp@0.6"].endswith("| 0 | 2 | " + " | ".join(["failed"] * len(METRICS)) + " |")
+    # no trial has a validation accuracy: no column for it
+    assert lines["sfp@0.6"].endswith("| 0 | 2 | " + " | ".join(["failed"] * (len(METRICS) - 1)) + " |")
     assert text.count("**") == 4
+    assert "validation" not in text and "Bold: the best test accuracy at its ratio." in text
+
+
+def test_cells_are_chosen_by_validation_accuracy_when_trials_have_one(tmp_path):
+    """The study chooses by validation accuracy: a cell with the higher test but the lower
+    validation accuracy is not the best; a trial written before the split is no candidate."""
+    records = [
+        _record(0, _summary(75.0, val=70.0), method="attenuation"),
+        _record(1, _summary(77.0, val=72.0), method="attenuation"),
+        _record(0, _summary(80.0, val=68.0), method="hard"),   # best test accuracy, worse validation
+        _record(0, _summary(90.0), method="sfp"),              # an older summary: no val_accuracy
+    ]
+    rows = {row.options["method"]: row for row in cells(records)}
+    assert rows["attenuation"].stats["val_accuracy"].mean == pytest.approx(71.0)
+    assert rows["attenuation"].stats["val_accuracy"].std == pytest.approx(math.sqrt(2))
+    assert rows["sfp"].stats["val_accuracy"] == Stat(None, None, 0)
+    assert [m for m in ("attenuation", "hard", "sfp") if rows[m].best] == ["attenuation"]
+    text = table_markdown(list(rows.values()))
+    header = next(line for line in text.splitlines() if line.startswith("| method"))
+    assert "| test accuracy (%) | validation accuracy (%) | accuracy change (points) |" in header
+    line = {row.split(" | ")[0].strip("| "): row for row in text.splitlines() if row.startswith("| ")}
+    assert "| 76.00 ± 1.41 | **71.00 ± 1.41** |" in line["attenuation"]
+    assert "| 80.00 ± — | 68.00 ± — |" in line["hard"] and "| 90.00 ± — | — |" in line["sfp"]
+    assert text.count("**") == 2 and "Bold: the best validation accuracy at its ratio" in text
+    with open(write_table_csv(list(rows.values()), tmp_path / "table.csv"), newline="") as f:
+        read = {line["method"]: line for line in csv.DictReader(f)}
+    assert float(read["attenuation"]["val_accuracy_mean"]) == pytest.approx(71.0)
+    assert read["sfp"]["val_accuracy_mean"] == ""
+
+
+def test_csv_always_has_the_validation_columns(tmp_path):
+    rows = cells([_record(0, _summary(70.0))])
+    with open(write_table_csv(rows, tmp_path / "table.csv"), newline="") as f:
+        line = next(csv.DictReader(f))
+    assert (line["val_accuracy_mean"], line["val_accuracy_std"]) == ("", "")
 
 
 def test_bold_ties_both():
@@ -270,6 +309,12 @@ def test_record_json_round_trip_and_validation():
         TrialRecord("t", record.config, None, "ok", None, _summary(float("nan")))
     with pytest.raises(ValueError, match=r"summary.churn must be a finite number"):
         TrialRecord("t", record.config, None, "ok", None, _summary(1.0, churn="high"))
+    with pytest.raises(ValueError, match=r"summary.pruned.val_accuracy must be a finite number"):
+        TrialRecord("t", record.config, None, "ok", None, _summary(1.0, val=float("nan")))
+    TrialRecord("t", record.config, None, "ok", None, _summary(1.0, val=50.0))
+    null_val = _summary(1.0, val=50.0)
+    null_val["pruned"]["val_accuracy"] = None  # a run without a split
+    TrialRecord("t", record.config, None, "ok", None, null_val)
     with pytest.raises(ValueError, match="config.ratio"):
         TrialRecord("t", {**record.config, "ratio": "half"}, None, "ok", None, _summary(1.0))
     with pytest.raises(ValueError, match="unexpected"):

@@ -19,10 +19,12 @@ __all__ = ["RESULTS_FILE", "STATUSES", "TrialRecord", "append_result", "read_res
 
 RESULTS_FILE = "results.jsonl"
 STATUSES = ("ok", "failed")
-# The summary.json numbers the aggregation reads; latency_ms may be absent or null.
+# The summary.json numbers the aggregation reads; the optional ones may be absent (summaries written
+# before them) or null (latency not measured, no validation split).
 _SECTION_KEYS = ("accuracy", "params", "macs")
-_OPTIONAL_LATENCY = "latency_ms"
-# Read where present: results written before the fate statistics lack them; churn and
+# In each section: read where present (null: latency not measured, no validation split).
+_OPTIONAL_SECTION_KEYS = ("latency_ms", "val_accuracy")
+# At the top: read where present: results written before the fate statistics lack them; churn and
 # mean_steps_weak_before_removal are null where undefined.
 _OPTIONAL_KEYS = ("removed_filters", "kept_returns", "churn", "removed_during_phase",
                  "mean_steps_weak_before_removal")
@@ -36,7 +38,7 @@ def _check_number(where: str, value, optional: bool = False) -> None:
 
 
 def _check_summary(summary) -> None:
-    """The summary.json keys the tables read: present and numeric, or for ``_OPTIONAL_KEYS``
+    """The summary.json keys the tables read: present and numeric, or for the optional ones
     absent or null (extra keys are fine)."""
     if not isinstance(summary, Mapping):
         raise ValueError(f"summary must be an object, got {type(summary).__name__}")
@@ -48,7 +50,8 @@ def _check_summary(summary) -> None:
             if key not in values:
                 raise ValueError(f"summary.{section} has no {key!r} (has {sorted(values)})")
             _check_number(f"summary.{section}.{key}", values[key])
-        _check_number(f"summary.{section}.{_OPTIONAL_LATENCY}", values.get(_OPTIONAL_LATENCY), True)
+        for key in _OPTIONAL_SECTION_KEYS:
+            _check_number(f"summary.{section}.{key}", values.get(key), True)
     for key in ("returns", "wall_seconds"):
         if key not in summary:
             raise ValueError(f"summary has no {key!r}")

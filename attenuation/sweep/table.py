@@ -14,15 +14,16 @@ from typing import Optional
 from ..files import atomic_write_text
 from .results import TrialRecord
 
-__all__ = ["METRICS", "ALWAYS_SHOWN", "Stat", "Row", "cells", "option_text", "table_markdown",
-           "write_table_md", "write_table_csv"]
+__all__ = ["METRICS", "ALWAYS_SHOWN", "Stat", "Row", "cells", "choice_metric", "option_text",
+           "table_markdown", "write_table_md", "write_table_csv"]
 
 # Config keys that do not define a cell: trials differing only in these are seeds of one cell.
 _NOT_A_CELL = ("seed", "out")
 ALWAYS_SHOWN = ("method", "criterion", "ratio")
 # name -> (markdown header, markdown format of the mean, whether the markdown shows the std)
 METRICS = {
-    "accuracy": ("accuracy (%)", "{:.2f}", True),
+    "accuracy": ("test accuracy (%)", "{:.2f}", True),
+    "val_accuracy": ("validation accuracy (%)", "{:.2f}", True),  # table.md: only when some trial has one
     "accuracy_change": ("accuracy change (points)", "{:+.2f}", True),  # the std loses the sign
     "macs_removed": ("MACs removed (%)", "{:.1f}", True),
     "params_removed": ("params removed (%)", "{:.1f}", True),
@@ -56,7 +57,7 @@ class Stat:
 @dataclass(frozen=True)
 class Row:
     """One cell: its shown options, ok and failed trial counts, a Stat per METRICS name, and
-    whether its accuracy is the best at its ratio."""
+    whether it is the best at its ratio by :func:`choice_metric`."""
 
     options: dict
     seeds: int
@@ -78,6 +79,7 @@ def _trial_metrics(summary: Mapping) -> dict:
     removed, during = summary.get("removed_filters"), summary.get("removed_during_phase")
     return {
         "accuracy": pruned["accuracy"],
+        "val_accuracy": pruned.get("val_accuracy"),  # absent from summaries older than the split
         "accuracy_change": pruned["accuracy"] - base["accuracy"],
         "macs_removed": _percent_removed(base["macs"], pruned["macs"]),
         "params_removed": _percent_removed(base["params"], pruned["params"]),
@@ -119,15 +121,24 @@ def _row(group: Sequence[TrialRecord], shown: Sequence[str]) -> Row:
     return Row(options=options, seeds=len(ok), failed=len(group) - len(ok), stats=stats)
 
 
+def choice_metric(rows: Sequence[Row]) -> str:
+    """What the best cell at a ratio is chosen by: the mean validation accuracy when some trial
+    has one (a variant is never chosen by its test accuracy then; cells without one are not
+    candidates), else the test accuracy."""
+    return "val_accuracy" if any(row.stats["val_accuracy"].n for row in rows) else "accuracy"
+
+
 def _mark_best(rows: list[Row]) -> list[Row]:
-    """Rows whose mean accuracy is the highest at their ratio get best=True (ties: all)."""
+    """Rows whose mean of :func:`choice_metric` is the highest at their ratio get best=True
+    (ties: all)."""
+    metric = choice_metric(rows)
     best = {}
     for row in rows:
-        mean, ratio = row.stats["accuracy"].mean, _canonical(row.options["ratio"])
+        mean, ratio = row.stats[metric].mean, _canonical(row.options["ratio"])
         if mean is not None:
             best[ratio] = max(mean, best.get(ratio, mean))
-    return [replace(row, best=row.stats["accuracy"].mean is not None
-                    and row.stats["accuracy"].mean == best[_canonical(row.options["ratio"])])
+    return [replace(row, best=row.stats[metric].mean is not None
+                    and row.stats[metric].mean == best[_canonical(row.options["ratio"])])
             for row in rows]
 
 
@@ -173,28 +184,36 @@ def _stat_md(stat: Stat, fmt: str, show_std: bool) -> str:
     return text
 
 
-def _row_md(row: Row) -> str:
+def _shown_metrics(rows: Sequence[Row]) -> list[str]:
+    """The METRICS of table.md: the validation accuracy only when some trial has one."""
+    return [name for name in METRICS if name != "val_accuracy" or choice_metric(rows) == name]
+
+
+def _row_md(row: Row, metrics: Sequence[str], chosen_by: str) -> str:
     options = [option_text(v, _DASH).replace("|", "\\|") for v in row.options.values()]
     if row.seeds == 0:
-        stats = ["failed"] * len(METRICS)
+        stats = ["failed"] * len(metrics)
     else:
-        stats = [_stat_md(row.stats[name], fmt, show_std)
-                 for name, (_, fmt, show_std) in METRICS.items()]
-        if row.best:
-            stats[0] = f"**{stats[0]}**"
+        stats = []
+        for name in metrics:
+            _, fmt, show_std = METRICS[name]
+            text = _stat_md(row.stats[name], fmt, show_std)
+            stats.append(f"**{text}**" if row.best and name == chosen_by else text)
     return "| " + " | ".join([*options, str(row.seeds), str(row.failed), *stats]) + " |"
 
 
 def table_markdown(rows: Sequence[Row]) -> str:
-    """The rows as a markdown table with a legend; the best accuracy per ratio in bold."""
+    """The rows as a markdown table with a legend; the best per ratio (:func:`choice_metric`) in
+    bold."""
     if not rows:
         raise ValueError("no rows to write")
-    headers = [*rows[0].options, "seeds", "failed", *(header for header, _, _ in METRICS.values())]
+    metrics, chosen_by = _shown_metrics(rows), choice_metric(rows)
+    headers = [*rows[0].options, "seeds", "failed", *(METRICS[name][0] for name in metrics)]
     aligns = ["---"] * len(rows[0].options) + ["---:"] * (len(headers) - len(rows[0].options))
     lines = [
         "| " + " | ".join(headers) + " |",
         "| " + " | ".join(aligns) + " |",
-        *(_row_md(row) for row in rows),
+        *(_row_md(row, metrics, chosen_by) for row in rows),
         "",
         f"Mean ± sample standard deviation over the seeds of a cell ({_DASH} with one seed); "
         "seeds: finished trials, failed: failed trials. Accuracy change is against each trial's "
@@ -204,7 +223,9 @@ def table_markdown(rows: Sequence[Row]) -> str:
         "the weak set per attenuation step; removed during the phase: the share of the removed "
         "filters removed by attenuation steps, the rest at the phase's end (docs/METHOD.md, "
         f"\"Fate statistics\"; {_DASH} for results written before them). "
-        "Bold: the best accuracy at its ratio.",
+        + ("Bold: the best validation accuracy at its ratio (cells are chosen by it, never by the "
+           "test accuracy)." if chosen_by == "val_accuracy" else "Bold: the best test accuracy at its "
+           "ratio."),
     ]
     return "\n".join(lines) + "\n"
 
