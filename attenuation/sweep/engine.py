@@ -82,7 +82,10 @@ def _start_ray(resources: Resources) -> None:
             ray.init(address=resources.address, log_to_driver=False, configure_logging=False,
                      runtime_env=runtime_env)
         except (ConnectionError, RuntimeError) as error:
-            raise ValueError(f"cannot join the Ray cluster at {resources.address}: {error}") from None
+            hint = ("" if os.environ.get("RAY_AUTH_MODE") else
+                    " (a cluster started by `ray start` authenticates with a token by default: set "
+                    "RAY_AUTH_MODE=token, and RAY_AUTH_TOKEN to its `ray get-auth-token` on another machine)")
+            raise ValueError(f"cannot join the Ray cluster at {resources.address}: {error}{hint}") from None
 
 
 class _Progress:
