@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import ops
-from .criteria import CriterionContext, get_criterion, require_affine_bn, scales_with_filter
+from .criteria import NEEDS_AFFINE_BN, CriterionContext, get_criterion, require_affine_bn, scales_with_filter
 from .layers import PrunableLayer, find_prunable_layers
 from .modules import convert_model
 from .schedule import check_ramp, ramp_ratio, weak_count
@@ -114,8 +114,8 @@ class Pruner:
         self.backend = backend
         convert_model(model, backend)
         self.layers: list[PrunableLayer] = find_prunable_layers(model, ignored_layers)
-        if self.config.criterion == "bn":  # fail now, not at the first step
-            require_affine_bn(self.layers)
+        if self.config.criterion in NEEDS_AFFINE_BN:  # fail now, not at the first step
+            require_affine_bn(self.layers, self.config.criterion)
         self.counts = [layer.n_filters for layer in self.layers]
         self.offsets = [0]
         for n in self.counts:
