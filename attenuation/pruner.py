@@ -52,7 +52,7 @@ class PruningConfig:
     # Hysteresis (docs/METHOD.md, "Hysteresis"): a weak filter that the selection leaves out returns
     # only if its score exceeds its layer's weak threshold by this relative margin and it has been
     # left out for ``return_after`` consecutive attenuation steps; until then it is held in the weak
-    # set, which keeps its size (held filters take the places of the lowest unheld ones).
+    # set, which keeps its size (a held filter takes the place of the selection's highest scorer).
     return_margin: float = 0.0
     return_after: int = 1
 
