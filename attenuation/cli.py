@@ -47,6 +47,17 @@ def field_options() -> dict[str, tuple[str, dict]]:
         "reversible": (_PRUNING, dict(action=argparse.BooleanOptionalAction,
                                       help="score weak filters as if unattenuated and restore "
                                            "returning ones")),
+        "unattenuated_scores": (_PRUNING, dict(action=argparse.BooleanOptionalAction,
+                                               help="score weak filters as if unattenuated (the score "
+                                                    "divided by the multiplier; default: as "
+                                                    "--reversible)")),
+        "return_margin": (_PRUNING, dict(type=float, metavar="F",
+                                         help="a weak filter returns only if its score exceeds its "
+                                              "layer's weak threshold by this relative margin "
+                                              "(default 0)")),
+        "return_after": (_PRUNING, dict(type=int, metavar="R",
+                                        help="a weak filter returns only after R consecutive "
+                                             "attenuation steps left out of the selection (default 1)")),
         "round_to": (_PRUNING, dict(type=int,
                                     help="round kept channels up to a multiple of this at removal")),
         "depth": (_TRAINING, dict(type=int, choices=[11, 13, 16, 19])),

@@ -29,6 +29,9 @@ class RunConfig:
     eps: Optional[float] = None
     interval: Optional[Union[int, str]] = None
     reversible: Optional[bool] = None
+    unattenuated_scores: Optional[bool] = None
+    return_margin: Optional[float] = None
+    return_after: Optional[int] = None
     # the model
     depth: int = 16
     width: float = 0.25
@@ -63,7 +66,9 @@ class RunConfig:
     def pruning_config(self):
         return method_config(self.method, criterion=self.criterion, ratio=self.ratio,
                              scope=self.scope, ramp=self.ramp, factor=self.factor, eps=self.eps,
-                             interval=self.interval, reversible=self.reversible)
+                             interval=self.interval, reversible=self.reversible,
+                             unattenuated_scores=self.unattenuated_scores,
+                             return_margin=self.return_margin, return_after=self.return_after)
 
     def lr_schedule(self) -> LRSchedule:
         return LRSchedule(peak=self.lr, warmup_fraction=self.lr_warmup_fraction,
@@ -155,7 +160,8 @@ def preset_config(preset: str = "quick", **overrides) -> RunConfig:
 # --baseline``, ``attenuation sweep``). A field added later that only acts after the baseline
 # belongs here; tests/test_baseline.py checks that runs differing in these share a baseline.
 AFTER_BASELINE_FIELDS = ("preset", "method", "criterion", "ratio", "scope", "ramp", "factor", "eps",
-                         "interval", "reversible", "round_to", "lr_pruning_fraction",
+                         "interval", "reversible", "unattenuated_scores", "return_margin",
+                         "return_after", "round_to", "lr_pruning_fraction",
                          "lr_finetune_fraction", "out")
 
 

@@ -81,12 +81,16 @@ def geometric_median(ctx: CriterionContext) -> Tensor:
     return torch.cat(scores)
 
 
-def require_affine_bn(layers: Sequence[PrunableLayer]) -> None:
-    """Criterion 'bn' reads each conv's BatchNorm gamma: refuse layers without one (the pruner
-    calls this at construction, so that a bad model fails before the first step)."""
+# The criteria that read each conv's affine BatchNorm (gamma, beta and their gradients).
+NEEDS_AFFINE_BN = ("bn", "bn_taylor")
+
+
+def require_affine_bn(layers: Sequence[PrunableLayer], criterion: str = "bn") -> None:
+    """The criteria of NEEDS_AFFINE_BN read each conv's BatchNorm: refuse layers without one (the
+    pruner calls this at construction, so that a bad model fails before the first step)."""
     missing = [layer.name for layer in layers if layer.bn is None or layer.bn.weight is None]
     if missing:
-        raise ValueError(f"criterion 'bn' needs an affine BatchNorm2d after every pruned conv; "
+        raise ValueError(f"criterion {criterion!r} needs an affine BatchNorm2d after every pruned conv; "
                          f"none follows: {', '.join(missing)}")
 
 
@@ -106,6 +110,21 @@ def first_order_taylor(ctx: CriterionContext) -> Tensor:
                            f"{', '.join(missing)} (step the pruner after backward())")
     return torch.cat([(layer.conv.weight.detach() * layer.conv.weight.grad).float().abs().flatten(1).sum(1)
                       for layer in ctx.layers])
+
+
+@register_criterion("bn_taylor", scales_with_filter=True)
+def bn_taylor(ctx: CriterionContext) -> Tensor:
+    """First-order Taylor estimate of removing the channel after its BatchNorm:
+    |gamma * dL/dgamma + beta * dL/dbeta|, which equals |sum over the batch and pixels of
+    dL/dz * z| for the BN's output z. Unlike a norm of the conv weight it sees what the loss sees:
+    behind a BN the weight's scale is invisible (docs/METHOD.md, "Scores under attenuation")."""
+    require_affine_bn(ctx.layers, "bn_taylor")
+    missing = [layer.name for layer in ctx.layers if layer.bn.weight.grad is None or layer.bn.bias.grad is None]
+    if missing:
+        raise RuntimeError(f"criterion 'bn_taylor' needs the BatchNorms' gradients, but these layers have "
+                           f"none: {', '.join(missing)} (step the pruner after backward())")
+    return torch.cat([(layer.bn.weight.detach() * layer.bn.weight.grad
+                       + layer.bn.bias.detach() * layer.bn.bias.grad).float().abs() for layer in ctx.layers])
 
 
 @register_criterion("random")

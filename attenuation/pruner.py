@@ -13,7 +13,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import ops
-from .criteria import CriterionContext, get_criterion, require_affine_bn, scales_with_filter
+from .criteria import NEEDS_AFFINE_BN, CriterionContext, get_criterion, require_affine_bn, scales_with_filter
 from .layers import PrunableLayer, find_prunable_layers
 from .modules import convert_model
 from .schedule import check_ramp, ramp_ratio, weak_count
@@ -45,6 +45,16 @@ class PruningConfig:
     # the weak set churned so much that no filter reached eps before the end of the phase (see
     # docs/ARCHITECTURE.md).
     reversible: bool = False
+    # Divide a weak filter's score by its multiplier (criteria that scale with the filter only):
+    # score it as if it were not attenuated. None: as ``reversible``. With ``bn_taylor`` it is the
+    # score the attenuation neither erases nor inflates (docs/METHOD.md, "Scores under attenuation").
+    unattenuated_scores: Optional[bool] = None
+    # Hysteresis (docs/METHOD.md, "Hysteresis"): a weak filter that the selection leaves out returns
+    # only if its score exceeds its layer's weak threshold by this relative margin and it has been
+    # left out for ``return_after`` consecutive attenuation steps; until then it is held in the weak
+    # set, which keeps its size (a held filter takes the place of the selection's highest scorer).
+    return_margin: float = 0.0
+    return_after: int = 1
 
     def __post_init__(self):
         self.validate()
@@ -68,7 +78,26 @@ class PruningConfig:
         if self.scope not in SCOPES:
             raise ValueError(f"unknown scope {self.scope!r}: expected one of {', '.join(SCOPES)}")
         _check_interval(self.interval)
+        if self.unattenuated_scores is not None:
+            _check_type("unattenuated_scores", self.unattenuated_scores, bool, "True, False or None")
+        _check_finite("return_margin", self.return_margin)
+        if not self.return_margin >= 0.0:
+            raise ValueError(f"return_margin must be >= 0, got {self.return_margin}")
+        if isinstance(self.return_after, bool) or not isinstance(self.return_after, numbers.Integral):
+            raise TypeError(f"return_after must be an int number of attenuation steps, got "
+                            f"{self.return_after!r} ({type(self.return_after).__name__})")
+        if self.return_after < 1:
+            raise ValueError(f"return_after must be >= 1 (1: no delay), got {self.return_after}")
         return self
+
+    @property
+    def divides_weak_scores(self) -> bool:
+        chosen = self.reversible if self.unattenuated_scores is None else self.unattenuated_scores
+        return chosen and scales_with_filter(self.criterion)
+
+    @property
+    def hysteresis(self) -> bool:
+        return self.return_margin > 0.0 or self.return_after > 1
 
 
 def _check_type(name: str, value, kind: type, expected: str) -> None:
@@ -114,8 +143,8 @@ class Pruner:
         self.backend = backend
         convert_model(model, backend)
         self.layers: list[PrunableLayer] = find_prunable_layers(model, ignored_layers)
-        if self.config.criterion == "bn":  # fail now, not at the first step
-            require_affine_bn(self.layers)
+        if self.config.criterion in NEEDS_AFFINE_BN:  # fail now, not at the first step
+            require_affine_bn(self.layers, self.config.criterion)
         self.counts = [layer.n_filters for layer in self.layers]
         self.offsets = [0]
         for n in self.counts:
@@ -127,6 +156,8 @@ class Pruner:
         self.steps_weak = torch.zeros(total, dtype=torch.int32, device=device)
         self.returns = torch.zeros(total, dtype=torch.int32, device=device)
         self.removed_at = torch.full((total,), -1, dtype=torch.int64, device=device)
+        # consecutive attenuation steps a weak filter has been left out by the selection (hysteresis)
+        self.steps_left_out = torch.zeros(total, dtype=torch.int32, device=device)
         self.generator = torch.Generator().manual_seed(seed)
         self.steps_done = 0          # optimizer steps seen since start()
         self.total_steps = 0         # length of the pruning phase in optimizer steps
@@ -188,18 +219,44 @@ class Pruner:
         removed = self.status == ops.REMOVED
         context = CriterionContext(self.layers, removed, self.generator, self.backend)
         scores = get_criterion(self.config.criterion)(context).float()
-        if self.config.reversible and scales_with_filter(self.config.criterion):
+        if self.config.divides_weak_scores:
             attenuated = (self.status == ops.WEAK) & (self.multiplier > 0)
             scores = torch.where(attenuated, scores / self.multiplier.clamp_min(1e-30), scores)
         ratio = self.ratio_now()
         if self.config.scope == "global":
             weak = ops.select_weak_global(scores, removed, self.counts, weak_count(ratio, scores.numel()),
                                           backend=self.backend)
+            ks = torch.stack([w.sum() for w in weak.split(self.counts)]) if self.config.hysteresis else None
         else:
             # uploaded as a tensor: select_weak would upload a list with a stream synchronisation
             ks = to_device(torch.tensor([weak_count(ratio, n) for n in self.counts]), scores.device)
             weak = ops.select_weak(scores, removed, self.counts, ks, backend=self.backend)
+        if self.config.hysteresis:
+            weak = self._hold_returns(scores, removed, weak, ks)
         self._apply(weak, self.config.factor, self.config.eps)
+
+    def _hold_returns(self, scores: Tensor, removed: Tensor, selected: Tensor, ks: Tensor) -> Tensor:
+        """The weak set under hysteresis (docs/METHOD.md, "Hysteresis"): each weak filter that the
+        selection left out is held unless its score clears its layer's threshold (the highest
+        selected live score) by ``return_margin`` (relative to the threshold's magnitude) and it
+        has been left out ``return_after`` consecutive steps. Each layer's k lowest filters are then
+        weak, ordered removed first, then held, then the rest, each by ascending score."""
+        left_out = (self.status == ops.WEAK) & ~selected
+        self.steps_left_out = torch.where(left_out, self.steps_left_out + 1, 0)
+        held = left_out & (self.steps_left_out < self.config.return_after)
+        if self.config.return_margin > 0.0:
+            live_selected = torch.where(selected & ~removed, scores, -math.inf)
+            threshold = torch.cat([part.amax().expand(n) for part, n in
+                                   zip(live_selected.split(self.counts), self.counts)])
+            # no live filter selected (threshold -inf): no place to hold one in, all may return
+            margin = torch.where(threshold > -math.inf, self.config.return_margin * threshold.abs(), 0.0)
+            held |= left_out & ~(scores > threshold + margin)
+        # removed and held first, removed (-inf) before held (clamped above -inf); ties by index
+        first = torch.where(removed, -math.inf, torch.where(held, scores.clamp_min(torch.finfo(scores.dtype).min),
+                                                             scores))
+        weak = ops.select_weak(first, removed | held, self.counts, ks, backend=self.backend)
+        self.steps_left_out = torch.where(weak, self.steps_left_out, 0)
+        return weak
 
     @torch.no_grad()
     def finish(self) -> None:
@@ -347,7 +404,7 @@ class Pruner:
             "counts": list(self.counts),
             "status": self.status.clone(), "multiplier": self.multiplier.clone(),
             "steps_weak": self.steps_weak.clone(), "returns": self.returns.clone(),
-            "removed_at": self.removed_at.clone(),
+            "removed_at": self.removed_at.clone(), "steps_left_out": self.steps_left_out.clone(),
             "generator": self.generator.get_state(),
             "steps_done": self.steps_done, "total_steps": self.total_steps,
             "interval": self.interval, "phase": self.phase,
@@ -361,12 +418,17 @@ class Pruner:
             raise ValueError("pruner state is from another model: its layers "
                              f"{state.get('layer_names')} / {state.get('counts')} do not match "
                              f"{names} / {self.counts}")
-        if state.get("config") != dataclasses.asdict(self.config):
+        # a state saved before a field existed has that field's default
+        saved = {**dataclasses.asdict(PruningConfig()), **state.get("config", {})}
+        if saved != dataclasses.asdict(self.config):
             raise ValueError(f"pruner state is from another configuration: {state.get('config')} "
                              f"!= {dataclasses.asdict(self.config)}")
         device = self.status.device
         for key in ("status", "multiplier", "steps_weak", "returns", "removed_at"):
             getattr(self, key).copy_(state[key].to(device))
+        self.steps_left_out.zero_()  # absent from a state saved before hysteresis existed
+        if "steps_left_out" in state:
+            self.steps_left_out.copy_(state["steps_left_out"].to(device))
         self.generator.set_state(state["generator"])
         self.steps_done, self.total_steps = state["steps_done"], state["total_steps"]
         self.interval, self.phase = state["interval"], state["phase"]
