@@ -180,3 +180,18 @@ def test_split_values_converts_and_deduplicates():
     assert split_values("--seed", "0, 1,1,2", int) == [0, 1, 2]
     with pytest.raises(ValueError, match="--seed: invalid value 'x'"):
         split_values("--seed", "0,x", int)
+
+
+def test_a_folder_written_before_a_new_field_keeps_its_trials(tmp_path):
+    """A configuration field added by a later version (here: the recorded configurations lack
+    `val_split`) must not rename a folder's trials, or its sweep could not be resumed."""
+    from attenuation.sweep.manifest import MANIFEST_FILE, reconcile
+
+    trials = expand({"preset": ["smoke"], "seed": [0, 1]}, tmp_path)
+    reconcile(tmp_path, trials, extend=False)
+    saved = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    old = {f"old-name-{i}": {k: v for k, v in config.items() if k != "val_split"}
+           for i, config in enumerate(saved["trials"].values())}
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps({**saved, "trials": old}))
+    again = reconcile(tmp_path, trials, extend=False)  # the same grid: resumed, not refused
+    assert sorted(t.name for t in again) == sorted(old)

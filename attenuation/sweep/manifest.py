@@ -29,11 +29,15 @@ def reconcile(out: Path, trials: Sequence[Trial], extend: bool) -> list[Trial]:
     """Record ``trials`` in ``out``'s manifest and return every trial of the folder.
 
     A new folder takes the grid. A folder holding the same grid is resumed. A folder holding
-    another grid is refused unless ``extend``, which adds the new trials to the old ones."""
+    another grid is refused unless ``extend``, which adds the new trials to the old ones. Trials
+    are matched by configuration, a field added since the folder was written taking its default:
+    a recorded trial keeps its name (and folder) even if a newer version would name it otherwise."""
     path = out / MANIFEST_FILE
     mine = {t.name: t.config.to_dict() for t in trials}
     if path.exists():
         recorded = _read(path)
+        names = {_identity(config): name for name, config in recorded.items()}
+        mine = {names.get(_identity(config), name): config for name, config in mine.items()}
         if set(recorded) != set(mine):
             if not extend:
                 new, gone = len(set(mine) - set(recorded)), len(set(recorded) - set(mine))
@@ -46,6 +50,14 @@ def reconcile(out: Path, trials: Sequence[Trial], extend: bool) -> list[Trial]:
         raise ValueError(f"{out} is not empty and holds no sweep: choose another --out")
     atomic_write_text(path, json.dumps({"format": MANIFEST_FORMAT, "trials": mine}, indent=1) + "\n")
     return [_trial(out, name, config) for name, config in sorted(mine.items())]
+
+
+def _identity(config: dict) -> str:
+    """What makes two trials the same: the whole configuration but its folder, with the defaults
+    of fields it lacks."""
+    values = {**RunConfig().to_dict(), **config}
+    values.pop("out")
+    return json.dumps(values, sort_keys=True)
 
 
 def _trial(out: Path, name: str, config: dict) -> Trial:
