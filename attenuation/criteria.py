@@ -19,6 +19,12 @@ class CriterionContext:
     removed: Tensor                 # flat bool, the filters removed so far
     generator: torch.Generator      # CPU generator owned (and checkpointed) by the pruner
     backend: Optional[str] = None
+    # Per layer, the weights a weight criterion scores: the convs' own, or with the pruner's
+    # attenuate="gamma" the convs with their BatchNorms folded in (None: the convs' own).
+    weights: Optional[Sequence[Tensor]] = None
+
+    def scored_weights(self) -> Sequence[Tensor]:
+        return self.weights if self.weights is not None else [layer.conv.weight for layer in self.layers]
 
 
 Criterion = Callable[[CriterionContext], Tensor]
@@ -59,12 +65,12 @@ def get_criterion(name: str) -> Criterion:
 
 @register_criterion("l1", scales_with_filter=True)
 def l1_norm(ctx: CriterionContext) -> Tensor:
-    return ops.filter_norms([layer.conv.weight for layer in ctx.layers], "l1", ctx.backend)
+    return ops.filter_norms(ctx.scored_weights(), "l1", ctx.backend)
 
 
 @register_criterion("l2", scales_with_filter=True)
 def l2_norm(ctx: CriterionContext) -> Tensor:
-    return ops.filter_norms([layer.conv.weight for layer in ctx.layers], "l2", ctx.backend)
+    return ops.filter_norms(ctx.scored_weights(), "l2", ctx.backend)
 
 
 @register_criterion("fpgm")
@@ -72,8 +78,8 @@ def geometric_median(ctx: CriterionContext) -> Tensor:
     """FPGM (He et al. 2019): a filter close to the others (near their geometric median) is
     replaceable. Score = sum of Euclidean distances to the layer's other non-removed filters."""
     scores, start = [], 0
-    for layer in ctx.layers:
-        rows = layer.conv.weight.detach().flatten(1).float()
+    for weight in ctx.scored_weights():
+        rows = weight.detach().flatten(1).float()
         live = ~ctx.removed[start:start + rows.shape[0]]
         distances = torch.cdist(rows, rows)
         scores.append((distances * live.float().unsqueeze(0)).sum(1))

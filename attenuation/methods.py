@@ -11,10 +11,12 @@ METHODS: dict[str, dict] = {
     # Conventional pruning: weak filters are zeroed and removed at once, never return.
     "hard": dict(factor=0.0, eps=1.0, ramp="constant"),           # one-shot, at the first step
     "iterative": dict(factor=0.0, eps=1.0, ramp="cubic"),         # hard, on the ramp
-    # Soft Filter Pruning (He et al. 2018): conv weights zeroed every epoch but still trained (the
-    # BN keeps its parameters, so a zeroed filter can regrow), removed at the end.
-    "sfp": dict(factor=0.0, eps=0.0, ramp="constant", interval="epoch", mask_gradients=False,
-                attenuate_bn=False),
+    # Soft Filter Pruning (He et al. 2018): as the phase starts and after every epoch the
+    # lowest-norm filters are zeroed, all keep training (a zeroed one regrows and may return),
+    # removed at the end. Behind a BatchNorm the zeroing acts on its gamma and the norm is the
+    # folded filter's (docs/METHOD.md, Decisions).
+    "sfp": dict(factor=0.0, eps=0.0, ramp="constant", interval="epoch", step_at_start=True,
+                mask_gradients=False, attenuate="gamma"),
     # A control with the same harness and budget: nothing pruned.
     "none": dict(ratio=0.0),
 }

@@ -20,6 +20,8 @@ from .schedule import check_ramp, ramp_ratio, weak_count
 from .transfer import HostCopy, to_device
 
 SCOPES = ("layer", "global")
+# What an attenuation step scales (PruningConfig.attenuate; docs/METHOD.md, "Special cases").
+ATTENUATE_TARGETS = ("filter", "gamma")
 
 
 @dataclass
@@ -32,11 +34,19 @@ class PruningConfig:
     factor: float = 0.7
     eps: float = 0.01
     interval: Union[int, str] = 20
+    # Also attenuate after the phase's first optimizer step (at the ramp's start value: nothing
+    # unless the ramp is constant). Soft Filter Pruning zeroes as the phase starts, so that every
+    # epoch trains with the mask it ends with instead of the first meeting it untrained; after the
+    # first step rather than before it, so that the gradients the taylor criterion reads exist.
+    step_at_start: bool = False
     mask_gradients: bool = True
-    # Scale the following BatchNorm's gamma and beta with the conv weights. With a = 0 that kills a
-    # filter for good (a zero weight makes the BN input constant, so no gradient reaches gamma or
-    # the weight again); Soft Filter Pruning therefore zeroes only the conv weights until removal.
-    attenuate_bn: bool = True
+    # What a step scales: "filter" (weight row, bias, and the following BatchNorm's gamma, beta and
+    # statistics: the rule) or "gamma" (Soft Filter Pruning: only the BN's gamma where a BN follows,
+    # else the weight row and bias; the criteria score the filter with its BN folded in). Zeroing
+    # the conv weights alone restarts a filter at the BN's singular point, whose 1/sqrt(bn.eps)
+    # regrows it within a step or two to several times the kept filters' norm; a zero gamma gives
+    # the channel the same output (beta) and regrows at the ordinary rate (docs/METHOD.md, Decisions).
+    attenuate: str = "filter"
     # Treat the multiplier as a reversible soft mask (an option, off by default): a weak filter is
     # scored as if it were not attenuated (its score divided by its multiplier, for criteria that
     # scale with the filter) and a filter that returns gets its full scale back. Under the literal
@@ -61,9 +71,9 @@ class PruningConfig:
 
     def validate(self) -> "PruningConfig":
         """Check every field's type, then its value: TypeError / ValueError naming the field."""
-        for name in ("criterion", "scope", "ramp"):
+        for name in ("criterion", "scope", "ramp", "attenuate"):
             _check_type(name, getattr(self, name), str, "a string")
-        for name in ("mask_gradients", "attenuate_bn", "reversible"):
+        for name in ("step_at_start", "mask_gradients", "reversible"):
             _check_type(name, getattr(self, name), bool, "True or False")
         for name in ("ratio", "factor", "eps"):
             _check_finite(name, getattr(self, name))
@@ -77,6 +87,9 @@ class PruningConfig:
             raise ValueError(f"removal threshold eps must be >= 0, got {self.eps}")
         if self.scope not in SCOPES:
             raise ValueError(f"unknown scope {self.scope!r}: expected one of {', '.join(SCOPES)}")
+        if self.attenuate not in ATTENUATE_TARGETS:
+            raise ValueError(f"unknown attenuate {self.attenuate!r}: expected one of "
+                             f"{', '.join(ATTENUATE_TARGETS)}")
         _check_interval(self.interval)
         if self.unattenuated_scores is not None:
             _check_type("unattenuated_scores", self.unattenuated_scores, bool, "True, False or None")
@@ -113,6 +126,39 @@ def _check_finite(name: str, value) -> None:
         raise ValueError(f"{name} must be finite, got {value!r}")
 
 
+def _bn_gain(bn: nn.BatchNorm2d) -> Tensor:
+    """Per channel, the factor eval mode multiplies the conv's output by: gamma / sqrt(var + eps)."""
+    gain = bn.weight.detach().float()
+    if bn.running_var is not None:
+        gain = gain / (bn.running_var.float() + bn.eps).sqrt()
+    return gain.to(bn.weight.dtype)
+
+
+def _require_affine_or_no_bn(layers: Sequence[PrunableLayer]) -> None:
+    """attenuate="gamma" scales the gamma of the BatchNorm after each conv: refuse a BN without one."""
+    missing = [layer.name for layer in layers if layer.bn is not None and layer.bn.weight is None]
+    if missing:
+        raise ValueError("attenuate='gamma' scales the gamma of the BatchNorm after each conv, but "
+                         f"these convs are followed by one without (affine=False): {', '.join(missing)}")
+
+
+# Fields added to PruningConfig after checkpoints were first written, with the value that kept the
+# earlier runs unchanged (a saved state lacking one is read with it).
+_ADDED_FIELDS = {"step_at_start": False, "unattenuated_scores": None, "return_margin": 0.0, "return_after": 1}
+
+
+def _upgrade_config(config):
+    """A saved configuration in today's fields. ``attenuate`` replaced ``attenuate_bn``: True did
+    what "filter" does; False (the first sfp preset, conv weights only) has no successor and stays
+    unequal to every configuration."""
+    if not isinstance(config, dict):
+        return config
+    config = {**_ADDED_FIELDS, **config}
+    if config.get("attenuate_bn") is True and "attenuate" not in config:
+        config = {**{k: v for k, v in config.items() if k != "attenuate_bn"}, "attenuate": "filter"}
+    return config
+
+
 def _check_interval(interval) -> None:
     if isinstance(interval, str):
         if interval != "epoch":
@@ -145,6 +191,8 @@ class Pruner:
         self.layers: list[PrunableLayer] = find_prunable_layers(model, ignored_layers)
         if self.config.criterion in NEEDS_AFFINE_BN:  # fail now, not at the first step
             require_affine_bn(self.layers, self.config.criterion)
+        if self.config.attenuate == "gamma":
+            _require_affine_or_no_bn(self.layers)
         self.counts = [layer.n_filters for layer in self.layers]
         self.offsets = [0]
         for n in self.counts:
@@ -195,6 +243,14 @@ class Pruner:
 
     @property
     def n_attenuation_steps(self) -> int:
+        """Attenuation steps in the phase: one every ``interval`` optimizer steps, and with
+        ``step_at_start`` one after the first (unless that is one of them already)."""
+        extra = int(self.config.step_at_start and self.interval > 1 and self.total_steps > 0)
+        return self._ramp_steps + extra
+
+    @property
+    def _ramp_steps(self) -> int:
+        """The steps the ramp spreads over: one every ``interval`` optimizer steps."""
         return self.total_steps // self.interval if self.total_steps else 0
 
     def step(self) -> None:
@@ -206,18 +262,20 @@ class Pruner:
         if self.phase != "pruning":
             return
         self.steps_done += 1
-        if self.steps_done % self.interval == 0 and self.steps_done <= self.total_steps:
+        first = self.config.step_at_start and self.steps_done == 1
+        if (self.steps_done % self.interval == 0 or first) and self.steps_done <= self.total_steps:
             self.attenuation_step()
 
     def ratio_now(self) -> float:
         index = self.steps_done // self.interval
-        return ramp_ratio(self.config.ramp, self.config.ratio, index, self.n_attenuation_steps)
+        return ramp_ratio(self.config.ramp, self.config.ratio, index, self._ramp_steps)
 
     @torch.no_grad()
     def attenuation_step(self) -> None:
         """Score, select the weak set, attenuate (docs/METHOD.md, "The rule")."""
         removed = self.status == ops.REMOVED
-        context = CriterionContext(self.layers, removed, self.generator, self.backend)
+        context = CriterionContext(self.layers, removed, self.generator, self.backend,
+                                    self._folded_weights())
         scores = get_criterion(self.config.criterion)(context).float()
         if self.config.divides_weak_scores:
             attenuated = (self.status == ops.WEAK) & (self.multiplier > 0)
@@ -269,22 +327,49 @@ class Pruner:
     def _apply(self, weak: Tensor, factor: float, eps: float, count_weak_step: bool = True) -> None:
         if count_weak_step:
             self.steps_weak += (weak & (self.status != ops.REMOVED)).int()
-        weights, biases, gammas, betas = self._filter_tensors()
-        bn = (gammas, betas) if self.config.attenuate_bn else ([None] * len(gammas), [None] * len(betas))
-        means = [layer.bn.running_mean if layer.bn is not None else None for layer in self.layers]
-        variances = [layer.bn.running_var if layer.bn is not None else None for layer in self.layers]
-        returned, newly_removed = ops.attenuate_(weights, biases, *bn, weak, self.status, self.multiplier,
-                                                 factor, eps, restore=self.config.reversible,
-                                                 running_means=means, running_vars=variances,
-                                                 backend=self.backend)
-        if not self.config.attenuate_bn:  # removal always zeroes the whole filter
-            ops.zero_removed_(weights, biases, gammas, betas, self.status, backend=self.backend)
+        tensors, stats = self._attenuated_tensors()
+        returned, newly_removed = ops.attenuate_(*tensors, weak, self.status, self.multiplier, factor, eps,
+                                                 restore=self.config.reversible, backend=self.backend,
+                                                 **stats)
+        if self.config.attenuate == "gamma":  # removal always zeroes the whole filter
+            ops.zero_removed_(*self._filter_tensors(), self.status, backend=self.backend)
         self.returns += returned.int()
         self.removed_at = torch.where(newly_removed, self.steps_done, self.removed_at)
         self.history.append(self.status.clone())
         self.history_steps.append(self.steps_done)
         self._removals_possible = True
         self._pending_status = HostCopy(self.status)
+
+    def _attenuated_tensors(self):
+        """attenuate_'s per-layer tensors (weights, biases, gammas, betas) and its ``running_means``
+        and ``running_vars`` keywords, for the configured ``attenuate``."""
+        weights, biases, gammas, betas = self._filter_tensors()
+        if self.config.attenuate == "filter":
+            stats = dict(running_means=[layer.bn.running_mean if layer.bn is not None else None
+                                        for layer in self.layers],
+                         running_vars=[layer.bn.running_var if layer.bn is not None else None
+                                       for layer in self.layers])
+            return (weights, biases, gammas, betas), stats
+        # "gamma": a BN's gamma as an (n, 1) "weight" of one-element rows (the op scales rows); the
+        # conv's output, hence the BN statistics, do not change
+        targets = [w if g is None else g.view(-1, 1) for w, g in zip(weights, gammas)]
+        target_biases = [b if g is None else None for b, g in zip(biases, gammas)]
+        none = [None] * len(self.layers)
+        return (targets, target_biases, none, none), {}
+
+    def _folded_weights(self) -> Optional[list[Tensor]]:
+        """With ``attenuate="gamma"`` the weights the criteria score: each conv's weights with its
+        BatchNorm folded in (row f times gamma_f / sqrt(running_var_f + eps), the conv that eval
+        mode computes), so that a zeroed gamma scores as a zero filter. None otherwise: the convs'
+        own weights are scored."""
+        if self.config.attenuate == "filter":
+            return None
+        folded = []
+        for layer in self.layers:
+            w = layer.conv.weight
+            gain = None if layer.bn is None else _bn_gain(layer.bn).view(-1, *[1] * (w.dim() - 1))
+            folded.append(w if gain is None else w.detach() * gain)
+        return folded
 
     # ------------------------------------------------------------------ wiring to the model
     def _filter_tensors(self):
@@ -418,10 +503,9 @@ class Pruner:
             raise ValueError("pruner state is from another model: its layers "
                              f"{state.get('layer_names')} / {state.get('counts')} do not match "
                              f"{names} / {self.counts}")
-        # a state saved before a field existed has that field's default
-        saved = {**dataclasses.asdict(PruningConfig()), **state.get("config", {})}
-        if saved != dataclasses.asdict(self.config):
-            raise ValueError(f"pruner state is from another configuration: {state.get('config')} "
+        saved_config = _upgrade_config(state.get("config"))
+        if saved_config != dataclasses.asdict(self.config):
+            raise ValueError(f"pruner state is from another configuration: {saved_config} "
                              f"!= {dataclasses.asdict(self.config)}")
         device = self.status.device
         for key in ("status", "multiplier", "steps_weak", "returns", "removed_at"):

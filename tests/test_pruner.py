@@ -151,11 +151,11 @@ def test_hard_removes_at_once_and_sfp_only_at_the_end():
     _train(hard_model, hard, 1)
     _train(sfp_model, sfp, 2)
     assert (hard.status == 2).sum() == 12 and (sfp.status == 2).sum() == 0
-    assert _status(sfp)[0].count(1) == 4  # weak and zeroed, not removed
+    assert _status(sfp)[0].count(1) == 4  # weak and zeroed (behind a BN: its gamma), not removed
     weak = sfp.status[:8] == 1
-    assert sfp_model[0].weight.detach()[weak].abs().sum() == 0
+    assert sfp_model[1].weight.detach()[weak].abs().sum() == 0
     _train(sfp_model, sfp, 1)  # zeroed filters still train: gradients are not masked
-    assert sfp_model[0].weight.detach()[weak].abs().sum() > 0
+    assert sfp_model[1].weight.detach()[weak].abs().sum() > 0
     _train(hard_model, hard, 5)  # removed filters stay exactly zero under momentum and decay
     assert hard_model[0].weight.detach()[hard.status[:8] == 2].abs().sum() == 0
 
@@ -381,6 +381,23 @@ def test_state_dict_round_trip_continues_identically(factor):
         assert torch.equal(a, b)
 
 
+def test_state_dict_from_before_attenuate_and_step_at_start_is_read():
+    """A checkpoint saved before ``attenuate`` replaced ``attenuate_bn`` and ``step_at_start`` was
+    added resumes under the configuration that computes what it computed; the first sfp preset
+    (conv weights only) has no such configuration and is refused."""
+    for method, attenuate_bn, loads in (("attenuation", True, True), ("iterative", True, True),
+                                        ("sfp", False, False)):
+        state = Pruner(_net(), method_config(method)).state_dict()
+        old = {k: v for k, v in state["config"].items() if k not in ("attenuate", "step_at_start")}
+        state["config"] = {**old, "attenuate_bn": attenuate_bn}
+        pruner = Pruner(_net(), method_config(method))
+        if loads:
+            pruner.load_state_dict(state)
+        else:
+            with pytest.raises(ValueError, match="another configuration"):
+                pruner.load_state_dict(state)
+
+
 def test_state_dict_from_elsewhere_is_refused():
     pruner = Pruner(_net(), method_config("attenuation"))
     with pytest.raises(ValueError, match="another model"):
@@ -406,7 +423,9 @@ def test_bad_configuration_is_refused(overrides, match):
     (dict(interval=2.0), TypeError, "interval"), (dict(interval="daily"), ValueError, "interval"),
     (dict(criterion=None), TypeError, "criterion must be a string"), (dict(ramp=["cubic"]), TypeError, "ramp"),
     (dict(scope=1), TypeError, "scope"), (dict(reversible=1), TypeError, "reversible must be True or False"),
-    (dict(mask_gradients="yes"), TypeError, "mask_gradients"), (dict(attenuate_bn=None), TypeError, "attenuate_bn")])
+    (dict(mask_gradients="yes"), TypeError, "mask_gradients"), (dict(attenuate=None), TypeError, "attenuate"),
+    (dict(step_at_start=1), TypeError, "step_at_start must be True or False"),
+    (dict(attenuate="conv"), ValueError, "unknown attenuate 'conv'")])
 def test_configuration_types_are_checked(overrides, error, match):
     """Every field is checked at construction, with an error naming it (bool is not a number)."""
     with pytest.raises(error, match=match):
