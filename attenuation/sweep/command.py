@@ -83,7 +83,7 @@ def run_command(args: argparse.Namespace) -> int:
         out = Path(args.out).resolve()
         trials = expand(grid_options(args), out)
         resources = Resources(args.address, args.cpus_per_trial, args.gpus_per_trial,
-                              args.max_concurrent).validate()
+                              args.max_concurrent)
         failed = run_sweep(trials, out, resources, extend=args.extend, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as error:
         print(f"attenuation sweep: error: {error}", file=sys.stderr)

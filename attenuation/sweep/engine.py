@@ -155,6 +155,7 @@ def run_sweep(trials: Sequence[grid.Trial], out: Path, resources: Resources, *, 
     """Run every unfinished trial of ``out`` (``trials`` recorded into it first); returns the number
     of failed trials. The tables and the plot are rebuilt at the end."""
     out = out.resolve()
+    resources = resources.validate()
     if resources.address is not None:
         check_address(resources.address)  # before anything is written
     out.mkdir(parents=True, exist_ok=True)
@@ -162,7 +163,7 @@ def run_sweep(trials: Sequence[grid.Trial], out: Path, resources: Resources, *, 
     finished = _finished(out)
     pending = [t for t in trials if t.name not in finished or finished[t.name].status != "ok"]
     if pending:
-        _run_pending(pending, out, resources.validate(), len(trials), len(trials) - len(pending), progress)
+        _run_pending(pending, out, resources, len(trials), len(trials) - len(pending), progress)
     finished = _finished(out)
     if finished:
         compare([out], out)
@@ -221,8 +222,7 @@ def _trial_spec(t: grid.Trial, out: Path, threads: int) -> dict:
 
 
 def _record(spec: dict, outcome: dict) -> TrialRecord:
-    config = RunConfig(**spec["config"])
-    return TrialRecord(trial=spec["name"], config=config.to_dict(),
+    return TrialRecord(trial=spec["name"], config=spec["config"],
                        baseline_id=Path(spec["baseline"]).name if spec["baseline"] else None,
                        status=outcome["status"], error=outcome["error"],
                        summary=json.loads(outcome["summary_json"]))
