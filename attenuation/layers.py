@@ -7,6 +7,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from torch import Tensor
+
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
@@ -32,6 +34,52 @@ class PrunableLayer:
     @property
     def n_filters(self) -> int:
         return self.conv.out_channels
+
+
+@dataclass
+class GroupMember:
+    """A conv whose filters belong to a channel group: filter f is group channel ``channels[f]``."""
+    name: str
+    conv: AttenuatedConv2d
+    bn: Optional[nn.BatchNorm2d]  # the BatchNorm2d applied directly (and only) to its output, if any
+    group: int                    # index into ModelGroups.groups
+    channels: Tensor              # int64 [conv.out_channels], values in [0, group's n_channels)
+
+    @property
+    def n_filters(self) -> int:
+        return self.conv.out_channels
+
+
+@dataclass
+class ChannelGroup:
+    """Output channels that are removed together: channel c is filter ``members[j].channels == c``
+    of every member j (the convs joined by a residual add, a depthwise conv following its input,
+    index ranges mapped through a concat). A plain conv followed by its BN is a group of one."""
+    members: list[int]            # indices into ModelGroups.members, in module order
+    n_channels: int
+    offset: int                   # where its channels start in the flat vector of all group channels
+
+
+@dataclass
+class ChannelReader:
+    """A conv or linear layer whose input holds group channels (a removed one reads as zeros)."""
+    name: str
+    module: nn.Module             # an AttenuatedConv2d or nn.Linear
+    channels: Tensor              # int64 [input channels]: flat group channel of each, -1 if not prunable
+    features_per_channel: int = 1  # a Linear after a flatten reads each channel as h*w features
+
+
+@dataclass
+class ModelGroups:
+    """What :func:`find_groups` found in a model."""
+    members: list[GroupMember]    # module order
+    groups: list[ChannelGroup]
+    readers: list[ChannelReader]  # module order
+    unprunable: list[str]         # convs left out (ignored, or touched by an op not understood)
+
+    @property
+    def n_channels(self) -> int:
+        return sum(group.n_channels for group in self.groups)
 
 
 class _ConvLeafTracer(fx.Tracer):
@@ -125,3 +173,10 @@ def _bn_by_registration_order(modules: dict) -> dict:
                 and bn.num_features == conv.out_channels):
             pairs[current] = following
     return pairs
+
+
+def find_groups(model: nn.Module, ignored: Sequence[str] = ()) -> ModelGroups:
+    """The channel groups of ``model`` (its convs swapped for ``AttenuatedConv2d``) and the layers
+    that read them, from a torch.fx trace. Not written yet: the interface the engine and the
+    surgery are being built against."""
+    raise NotImplementedError("find_groups is being written")
