@@ -462,3 +462,42 @@ def test_compare_command(tmp_path, capsys):
     assert cli_main(["compare", str(tmp_path), "--out", str(tmp_path / "out2")]) == 2
     assert f"{tmp_path} is neither a sweep folder" in capsys.readouterr().err
     assert not (tmp_path / "out2").exists()
+
+
+# ---- paired differences
+
+
+def test_paired_differences_by_hand(tmp_path):
+    from attenuation.sweep.paired import paired_differences, paired_markdown
+
+    acc = {("attenuation", 0): 81.0, ("attenuation", 1): 80.0, ("attenuation", 2): 79.5,
+           ("hard", 0): 80.5, ("hard", 1): 80.25, ("hard", 2): 79.0, ("iterative", 1): 81.0}
+    records = [_record(seed, _summary(value, val=value - 1), baseline_id=f"b{seed}", method=method)
+               for (method, seed), value in acc.items()]
+    records.append(_record(0, _summary(82.0), baseline_id="b0", method="none"))
+    records.append(_record(5, _summary(70.0), baseline_id="b5", method="hard", ratio=0.7))  # other ratio
+    pairs = {pair.against["method"]: pair for pair in paired_differences(records)}
+    assert set(pairs) == {"hard", "iterative"}  # none prunes nothing; ratio 0.7 has no attenuation cell
+    hard = pairs["hard"]
+    assert hard.baselines == ("b0", "b1", "b2") and hard.test == pytest.approx((0.5, -0.25, 0.5))
+    assert hard.test_stat.mean == pytest.approx(0.25)
+    assert hard.test_stat.std == pytest.approx(math.sqrt(((0.25) ** 2 * 2 + 0.5 ** 2) / 2))
+    assert hard.val == pytest.approx(hard.test)  # both val accuracies are test - 1
+    iterative = pairs["iterative"]
+    assert iterative.baselines == ("b1",) and iterative.test == pytest.approx((-1.0,))
+    text = paired_markdown(list(pairs.values()))
+    assert "| 0.5 | l1 | defaults | method=hard | 3 | +0.25 ± 0.43 |" in text
+    assert "| method=iterative | 1 | -1.00 ± — |" in text
+
+
+def test_compare_writes_paired_md_only_with_pairs(tmp_path):
+    lone = [_record(s, _summary(80.0 + s), baseline_id=f"b{s}", method="hard") for s in range(2)]
+    sweep = tmp_path / "lone"
+    sweep.mkdir()
+    for record in lone:
+        append_result(sweep / "results.jsonl", record)
+    compare([sweep], tmp_path / "out1")
+    assert not (tmp_path / "out1" / "paired.md").exists()
+    append_result(sweep / "results.jsonl", _record(0, _summary(81.0), baseline_id="b0", method="attenuation"))
+    compare([sweep], tmp_path / "out2")
+    assert "+1.00 ± —" in (tmp_path / "out2" / "paired.md").read_text()

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+from .paired import write_paired_md
 from .pareto import plot_pareto
 from .results import load_trials
 from .table import Row, cells, write_table_csv, write_table_md
@@ -15,14 +16,16 @@ __all__ = ["compare", "add_arguments", "run_command"]
 
 
 def compare(dirs: Iterable, out_dir) -> list[Row]:
-    """Write table.md, table.csv and pareto.png for the trials of ``dirs`` into ``out_dir``
-    and return the table's rows."""
+    """Write table.md, table.csv and pareto.png for the trials of ``dirs`` into ``out_dir``, and
+    paired.md where attenuation cells share baselines with other methods' cells; return the
+    table's rows."""
     records = load_trials(dirs)
     rows = cells(records)
     out = Path(out_dir)
     write_table_md(rows, out / "table.md")
     write_table_csv(rows, out / "table.csv")
     plot_pareto(records, out / "pareto.png")
+    write_paired_md(records, out / "paired.md")
     return rows
 
 
