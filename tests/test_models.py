@@ -1,15 +1,18 @@
 import copy
 import json
 import math
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
+from attenuation.layers import find_groups
 from attenuation.models import (VGG, VGG_CONFIGS, ResNet, available_models, build_model, create_model,
                                 create_model_from_spec, model_spec, model_title, vgg, vgg_config,
                                 vgg_depth)
 from attenuation.models.resnet import BasicBlock, SubsampleAndPad
+from attenuation.modules import convert_model
 from attenuation.profiling import count_macs, count_parameters
 
 
@@ -314,3 +317,23 @@ def test_model_titles():
     assert [model_title(n) for n in ("vgg16", "resnet56", "resnet20b")] == \
         ["VGG-16", "ResNet-56", "ResNet-20 (shortcut B)"]
     assert vgg_depth("vgg13") == 13 and vgg_depth("resnet20") is None and vgg_depth("vgg12") is None
+
+
+def test_resnet_channel_groups():
+    """What find_groups sees in the CIFAR ResNets: each block's conv1 is a group of its own; with
+    shortcut B each stage's residual chain (the stage's input conv, stem or 1x1 shortcut, and every
+    conv2) is one group; with shortcut A the F.pad leaves the chains out (unprunable)."""
+    def chains(groups):
+        return [[groups.members[i].name for i in g.members] for g in groups.groups if len(g.members) > 1]
+
+    b = find_groups(convert_model(create_model("resnet20b", 0.25)))
+    assert chains(b) == [["conv1", *(f"layer1.{i}.conv2" for i in range(3))],
+                         ["layer2.0.conv2", "layer2.0.shortcut.0", "layer2.1.conv2", "layer2.2.conv2"],
+                         ["layer3.0.conv2", "layer3.0.shortcut.0", "layer3.1.conv2", "layer3.2.conv2"]]
+    assert len(b.groups) == 12 and b.unprunable == []
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        a = find_groups(convert_model(create_model("resnet20", 0.25)))
+    assert chains(a) == [] and [a.members[g.members[0]].name for g in a.groups] == \
+        [f"layer{s}.{i}.conv1" for s in (1, 2, 3) for i in range(3)]
+    assert set(a.unprunable) == {"conv1", *(f"layer{s}.{i}.conv2" for s in (1, 2, 3) for i in range(3))}
