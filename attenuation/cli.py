@@ -10,6 +10,7 @@ import sys
 from .config import PHASES, PRESETS, RunConfig, preset_config
 from .criteria import available_criteria
 from .methods import available_methods
+from .models import VGG_CONFIGS, available_models
 from .schedule import RAMPS
 from .sweep.command import add_arguments as add_sweep_arguments
 from .sweep.command import run_command as run_sweep_command
@@ -60,7 +61,11 @@ def field_options() -> dict[str, tuple[str, dict]]:
                                              "attenuation steps left out of the selection (default 1)")),
         "round_to": (_PRUNING, dict(type=int,
                                     help="round kept channels up to a multiple of this at removal")),
-        "depth": (_TRAINING, dict(type=int, choices=[11, 13, 16, 19])),
+        "model": (_TRAINING, dict(choices=available_models(),
+                                  help="the network (default: VGG of --depth); b: ResNet shortcut "
+                                       "option B (1x1 conv), else option A (zero padding)")),
+        "depth": (_TRAINING, dict(type=int, choices=sorted(VGG_CONFIGS),
+                                  help="VGG depth, when --model is not given")),
         "width": (_TRAINING, dict(type=float, help="channel width multiplier")),
         "batch_size": (_TRAINING, dict(type=int)),
         "lr": (_TRAINING, dict(type=float, help="peak learning rate")),
@@ -97,7 +102,7 @@ def field_options() -> dict[str, tuple[str, dict]]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attenuation", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="train, prune, recover, remove and fine-tune a CIFAR-10 VGG",
+    run = commands.add_parser("run", help="train, prune, recover, remove and fine-tune a CIFAR-10 model",
                               description="An unset option takes the preset's value.")
     groups = {name: run.add_argument_group(name) for name in (_PRUNING, _TRAINING, _SCHEDULE, _WHERE)}
     for name, (group, keywords) in field_options().items():

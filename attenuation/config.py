@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from .methods import method_config
+from .models import available_models, vgg_depth, vgg_name
 from .overrides import apply_overrides
 from .train import LRSchedule
 
@@ -32,7 +33,9 @@ class RunConfig:
     unattenuated_scores: Optional[bool] = None
     return_margin: Optional[float] = None
     return_after: Optional[int] = None
-    # the model
+    # the model: a registry name (attenuation.models.available_models()), or None for VGG-`depth`;
+    # validate() keeps one spelling per model (see _resolve_model)
+    model: Optional[str] = None
     depth: int = 16
     width: float = 0.25
     round_to: int = 1
@@ -75,10 +78,16 @@ class RunConfig:
                           warmup_start=self.lr_warmup_start, pruning_fraction=self.lr_pruning_fraction,
                           finetune_fraction=self.lr_finetune_fraction)
 
+    @property
+    def model_name(self) -> str:
+        """The registry name of the model this run trains."""
+        return self.model if self.model is not None else vgg_name(self.depth)
+
     def validate(self) -> "RunConfig":
         if self.method == "none":  # the control prunes nothing, whatever ratio the preset carries
             self.ratio = 0.0
         self._check_numbers()
+        self._resolve_model()
         self.pruning_config()  # method, criterion, ratio, factor, ... checked there
         if set(self.epochs) != set(PHASES):
             raise ValueError(f"epochs must name exactly the phases {PHASES}, got {sorted(self.epochs)}")
@@ -88,6 +97,26 @@ class RunConfig:
         if self.epochs["attenuation"] < 1 and self.method != "none":
             raise ValueError("the attenuation phase needs at least one epoch")
         return self
+
+    def _resolve_model(self) -> None:
+        """One spelling per model, so that equal models have equal configurations (and share
+        baselines): a VGG is ``model=None`` with its ``depth`` (``model="vgg13"`` becomes
+        ``depth=13``), any other model has ``depth`` at its default. The default depth counts as
+        unset: a model name with any other depth that does not name the same VGG is an error."""
+        if self.model_name not in available_models():
+            what = f"model {self.model!r}" if self.model is not None else \
+                f"depth {self.depth} (model {self.model_name})"
+            raise ValueError(f"unknown {what}: available are {', '.join(available_models())}")
+        if self.model is None:
+            return
+        depth = vgg_depth(self.model)
+        if depth is None and self.depth != _DEFAULT_DEPTH:
+            raise ValueError(f"depth {self.depth} applies to VGGs only: model {self.model} takes none "
+                             f"(leave depth at its default {_DEFAULT_DEPTH})")
+        if depth is not None:
+            if self.depth not in (depth, _DEFAULT_DEPTH):
+                raise ValueError(f"model {self.model} contradicts depth {self.depth}: give one of them")
+            self.model, self.depth = None, depth
 
     def _check_numbers(self) -> None:
         """Every number finite and in its range: a NaN or infinite rate would train an all-NaN
@@ -120,6 +149,9 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+_DEFAULT_DEPTH = RunConfig.depth
+
+
 def _is_instance(value, types: tuple) -> bool:
     if isinstance(value, bool):
         return bool in types
@@ -150,6 +182,8 @@ def preset_config(preset: str = "quick", **overrides) -> RunConfig:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: available are {', '.join(PRESETS)}")
     values = apply_overrides(RunConfig, PRESETS[preset], overrides, "run")
+    if overrides.get("model") is not None and overrides.get("depth") is None:
+        values.pop("depth", None)  # the preset's depth chooses its VGG; a named model replaces it
     if "epochs" in overrides and overrides["epochs"] is not None:
         values["epochs"] = {**RunConfig().epochs, **PRESETS[preset].get("epochs", {}), **overrides["epochs"]}
     return RunConfig(preset=preset, **values).validate()
@@ -177,7 +211,7 @@ def baseline_key(config: RunConfig | dict) -> dict:
 # Fields added after sweep folders existed, with the value that leaves a run as it was before them:
 # at that value they are left out of the baseline id, so the ids (the baselines/ folders) of earlier
 # sweeps stay valid.
-_ID_OMITS_AT = {"val_split": 0}
+_ID_OMITS_AT = {"val_split": 0, "model": None}
 
 
 def baseline_id(config: RunConfig | dict) -> str:

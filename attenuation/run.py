@@ -18,7 +18,7 @@ from .data import CIFAR10, DeviceLoader, find_cifar10, hold_out, load_cifar10, s
 from .devices import check_backend, describe_device, resolve_device
 from .fates import fate_statistics
 from .files import atomic_write_text, remove_stale_temporaries
-from .models import build_model, vgg
+from .models import build_model, create_model, model_title
 from .profiling import count_macs, count_parameters, measure_latency
 from .pruner import Pruner
 from .surgery import remove_filters, save_pruned
@@ -78,7 +78,7 @@ class Run:
                                         channels_last=self.channels_last)
         self.val_loader = None if data.x_val is None else DeviceLoader(
             data.x_val, data.y_val, 500, self.device, train=False, channels_last=self.channels_last)
-        self.model: nn.Module = self._to_device(vgg(config.depth, config.width))
+        self.model: nn.Module = self._to_device(create_model(config.model_name, config.width))
         self.pruner: Optional[Pruner] = Pruner(self.model, config.pruning_config(),
                                                backend=config.backend, seed=config.seed)
         self.optimizer = self._make_optimizer()
@@ -129,7 +129,8 @@ class Run:
     def _checkpoint(self, name: str = "checkpoint.pt") -> None:
         save_checkpoint({
             "config": self.config.to_dict(), "state": self.state,
-            "removed": self.pruner is None, "model_spec": self.model.spec(),
+            # the architecture of a removed model (an unremoved one is rebuilt from the config)
+            "removed": self.pruner is None, "model_spec": self.model.spec() if self.pruner is None else None,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "pruner": self.pruner.state_dict() if self.pruner is not None else None,
             "loader": self.train_loader.state_dict(), "torch_rng": torch.get_rng_state(),
@@ -330,7 +331,7 @@ class Run:
         report.write_summary(summary, self.out / "summary.json")
         report.write_report(
             self.out / "report.md", title=f"attenuation run: {c.method} / {c.criterion}, ratio {c.ratio:g}, "
-            f"VGG-{c.depth} x{c.width:g} ({c.preset} preset)", config=c.to_dict(),
+            f"{model_title(c.model_name)} x{c.width:g} ({c.preset} preset)", config=c.to_dict(),
             data_source=self.data_source, device=describe_device(self.device),
             phases=self.state["phases"], latency_batch=c.latency_batch,
             summary=summary, plots=["curves.png", "filter_fates.png"],

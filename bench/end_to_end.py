@@ -57,8 +57,9 @@ def figures(run_dir: Path, wall_s: float) -> dict:
     """Figures of a run folder, also of a run stopped early (the epochs it completed)."""
     metrics = run_dir / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    # with a validation split an epoch measures the held-out images (val_acc), not the test set
     epochs = [{"phase": r["phase"], "seconds": r["seconds"], "images_per_second": r["images_per_second"],
-               "test_acc": r["test_acc"]} for r in rows]
+               **{key: r[key] for key in ("test_acc", "val_acc") if key in r}} for r in rows]
     seconds = sum(e["seconds"] for e in epochs)
     images = sum(e["seconds"] * e["images_per_second"] for e in epochs)
     out = {"wall_s": wall_s, "epochs": epochs, "train_seconds": seconds,

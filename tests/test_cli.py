@@ -22,7 +22,7 @@ SAMPLES = {
     "ratio": ("0.25", 0.25), "scope": ("global", "global"), "ramp": ("linear", "linear"),
     "factor": ("0.5", 0.5), "eps": ("0.05", 0.05), "interval": ("epoch", "epoch"),
     "reversible": (None, True), "unattenuated_scores": (None, True),
-    "return_margin": ("0.1", 0.1), "return_after": ("3", 3), "depth": ("13", 13), "width": ("0.5", 0.5), "round_to": ("4", 4),
+    "return_margin": ("0.1", 0.1), "return_after": ("3", 3), "model": ("resnet20", "resnet20"), "depth": ("13", 13), "width": ("0.5", 0.5), "round_to": ("4", 4),
     "epochs": (None, {"baseline": 3, "attenuation": 2, "recovery": 1, "finetune": 0}),
     "batch_size": ("96", 96), "lr": ("0.05", 0.05), "lr_warmup_fraction": ("0.2", 0.2),
     "lr_warmup_start": ("0.25", 0.25), "lr_pruning_fraction": ("0.3", 0.3),
@@ -87,6 +87,8 @@ def test_non_finite_numbers_are_refused(tmp_path, capsys, option, value):
     (["--val-split", "-1"], "val_split must be >= 0 (0: no validation split), got -1"),
     (["--train-subset", "100", "--val-split", "100"], "val_split must be smaller than train_subset (100)"),
     (["--device", "tpu"], "device 'tpu'"),
+    (["--model", "resnet20", "--depth", "13"], "depth 13 applies to VGGs only"),
+    (["--model", "vgg13", "--depth", "11"], "model vgg13 contradicts depth 11"),
 ])
 def test_out_of_range_values_are_refused(tmp_path, capsys, argv, message):
     assert main(["run", "--preset", "smoke", *argv, "--out", str(tmp_path / "run")]) == 2

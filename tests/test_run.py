@@ -10,6 +10,8 @@ from attenuation import run as run_module
 from attenuation.checkpoint import CHECKPOINT_FORMAT
 from attenuation.cli import main
 from attenuation.config import RunConfig, preset_config
+from attenuation.models import ResNet, model_spec
+from attenuation.profiling import count_macs
 from attenuation.report import SUMMARY_KEYS
 from attenuation.run import OUTPUTS, Run, TrainingDiverged, run
 from attenuation.surgery import load_pruned
@@ -48,6 +50,7 @@ def test_smoke_run_writes_every_output(tiny_npz, tmp_path, umask_022):
     assert rows[0]["macs"] == summary["baseline"]["macs"] and rows[-1]["macs"] == summary["pruned"]["macs"]
     report = (out / "report.md").read_text()
     assert "| removal |" in report and "npz file" in report
+    assert report.startswith("# attenuation run: attenuation / l1, ratio 0.35, VGG-11 x0.0625 (smoke preset)")
     assert "latency (ms, batch 8)" in report and "batch 256" not in report
     model = load_pruned(out / "model.pt")
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
@@ -186,6 +189,34 @@ def test_resume_of_a_checkpoint_older_than_the_schedule_fields(tiny_npz, tmp_pat
     Run(_config(tiny_npz, out), resume=True, progress=False)
     with pytest.raises(ValueError, match="another configuration: lr_warmup_start=0.1 \\(now 0.2\\)"):
         Run(_config(tiny_npz, out, lr_warmup_start=0.2), resume=True, progress=False)
+
+
+def test_resume_of_a_checkpoint_older_than_the_model_field(tiny_npz, tmp_path):
+    """Written before `model` existed: a VGG of its depth, which is what the field's None means."""
+    out = tmp_path / "run"
+    run(_config(tiny_npz, out), progress=False, stop_after_epochs=1)
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    del saved["config"]["model"]
+    torch.save(saved, out / "checkpoint.pt")
+    Run(_config(tiny_npz, out), resume=True, progress=False)
+    with pytest.raises(ValueError, match="another configuration: model=None \\(now 'resnet20'\\)"):
+        Run(_config(tiny_npz, out, model="resnet20"), resume=True, progress=False)
+
+
+def test_a_resnet_trains_and_attenuates(tiny_npz, tmp_path):
+    """--model builds the registry's model: a CIFAR ResNet-20 through the baseline and the
+    attenuation phase, with filters removed by the pruner. (Physical removal, after recovery, is
+    VGG-only for now.)"""
+    the_run = Run(_config(tiny_npz, tmp_path / "run", model="resnet20", width=0.25), progress=False)
+    assert isinstance(the_run.model, ResNet)
+    assert model_spec(the_run.model) == {"name": "resnet20", "width": 0.25, "num_classes": 10}
+    assert the_run.execute(until_phase="attenuation") is None
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows] == ["baseline", "attenuation"]
+    assert the_run.pruner.live_fraction() < 1.0  # the end of the phase removed the weak filters
+    assert count_macs(the_run.model, live_only=True) < rows[0]["macs"]
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert saved["config"]["model"] == "resnet20" and saved["model_spec"] is None
 
 
 def test_resume_removes_stale_temporaries(tiny_npz, tmp_path):

@@ -148,6 +148,16 @@ def test_the_grid_is_the_cross_product_of_validated_runs(tmp_path):
     assert [t.config.val_split for t in split] == [0, 40] and split[0].baseline_id != split[1].baseline_id
 
 
+def test_a_grid_over_models():
+    """--model takes a list like any option; each model has its own baseline and its name leads
+    the trial's; a VGG name is the same trial as its depth."""
+    trials = expand({"preset": ["smoke"], "model": ["resnet20", "resnet56b", "vgg11"]}, Path("sweep"))
+    assert [t.config.model_name for t in trials] == ["resnet20", "resnet56b", "vgg11"]
+    assert [t.name.split("-")[0] for t in trials] == ["resnet20", "resnet56b", "vgg11"]
+    assert len({t.baseline_id for t in trials}) == 3
+    assert trials[2] == expand({"preset": ["smoke"]}, Path("sweep"))[0]
+
+
 @pytest.mark.parametrize("grid,message", [
     (["--method", "attenuation,magic"], "--method: invalid value 'magic'"),
     (["--ratio", "0.5,,0.7"], "--ratio: empty value"),
@@ -156,6 +166,8 @@ def test_the_grid_is_the_cross_product_of_validated_runs(tmp_path):
     (["--lr", "0.1,nan"], "lr must be a finite number"),
     (["--reversible", "true,maybe"], "--reversible: invalid value 'maybe'"),
     (["--val-split", "0,-5"], "val_split must be >= 0"),
+    (["--model", "resnet20,resnet18"], "--model: invalid value 'resnet18'"),
+    (["--model", "resnet20", "--depth", "11,16"], "depth 11 applies to VGGs only"),
 ])
 def test_bad_lists_fail_before_anything_runs(tmp_path, capsys, grid, message):
     out = tmp_path / "sweep"
@@ -184,13 +196,13 @@ def test_split_values_converts_and_deduplicates():
 
 def test_a_folder_written_before_a_new_field_keeps_its_trials(tmp_path):
     """A configuration field added by a later version (here: the recorded configurations lack
-    `val_split`) must not rename a folder's trials, or its sweep could not be resumed."""
+    `val_split` and `model`) must not rename a folder's trials, or its sweep could not be resumed."""
     from attenuation.sweep.manifest import MANIFEST_FILE, reconcile
 
     trials = expand({"preset": ["smoke"], "seed": [0, 1]}, tmp_path)
     reconcile(tmp_path, trials, extend=False)
     saved = json.loads((tmp_path / MANIFEST_FILE).read_text())
-    old = {f"old-name-{i}": {k: v for k, v in config.items() if k != "val_split"}
+    old = {f"old-name-{i}": {k: v for k, v in config.items() if k not in ("val_split", "model")}
            for i, config in enumerate(saved["trials"].values())}
     (tmp_path / MANIFEST_FILE).write_text(json.dumps({**saved, "trials": old}))
     again = reconcile(tmp_path, trials, extend=False)  # the same grid: resumed, not refused

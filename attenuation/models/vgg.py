@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .width import check_width, scale_channels
+
 __all__ = ["VGG_CONFIGS", "vgg_config", "VGG", "vgg", "build_model"]
 
 VGG_CONFIGS: dict[int, list] = {
@@ -21,9 +23,8 @@ def vgg_config(depth: int = 16, width: float = 1.0) -> list:
     """The standard layer list of VGG-`depth` with every channel count scaled by `width`."""
     if depth not in VGG_CONFIGS:
         raise ValueError(f"unknown VGG depth {depth!r}; expected one of {sorted(VGG_CONFIGS)}")
-    if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
-        raise ValueError(f"VGG width multiplier must be a number > 0, got {width!r}")
-    return [v if v == "M" else max(1, int(round(v * width))) for v in VGG_CONFIGS[depth]]
+    check_width(width)
+    return [v if v == "M" else scale_channels(v, width) for v in VGG_CONFIGS[depth]]
 
 
 def _check_config(config) -> list:

@@ -45,7 +45,7 @@ def trial_name(config: RunConfig) -> str:
     """Readable and stable whatever the grid: the main options and a hash of the rest."""
     values = {k: v for k, v in config.to_dict().items() if k != "out"}
     digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
-    return f"{config.method}-{config.criterion}-r{config.ratio:g}-s{config.seed}-{digest}"
+    return f"{config.model_name}-{config.method}-{config.criterion}-r{config.ratio:g}-s{config.seed}-{digest}"
 
 
 def expand(options: dict[str, list], out: Path) -> list[Trial]:
