@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import itertools
 import os
+import warnings
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
@@ -19,8 +20,11 @@ from torch import Tensor, nn
 
 from .files import atomic_torch_save
 from .layers import ModelGroups, find_groups
+from .models import build_model, create_model_from_spec, model_spec
+from .modules import AttenuatedConv2d
 
-__all__ = ["remove_filters", "save_pruned", "load_pruned", "PRUNED_FORMAT"]
+__all__ = ["remove_filters", "pruned_architecture", "build_pruned", "save_pruned", "load_pruned",
+           "PRUNED_FORMAT"]
 
 PRUNED_FORMAT = "attenuation.pruned_model/2"
 _VGG_FORMAT = "attenuation.pruned_model/1"  # read only: a VGG spec with its channel config
@@ -99,7 +103,7 @@ def _zero_channels(groups: ModelGroups) -> Tensor:
             if bn is not None and bn.affine:
                 zero &= bn.weight.eq(0) & bn.bias.eq(0)
             elif bn is not None:
-                zero &= False
+                zero.fill_(False)
             zero_count.index_add_(0, index, zero.long().cpu())
             filter_count.index_add_(0, index, torch.ones_like(index))
     return zero_count == filter_count
@@ -310,3 +314,85 @@ def _move_state(value, old: nn.Parameter, slicer: _Slicer):
         return value
     with torch.no_grad():
         return slicer(value) if value.shape == old.shape else value.clone()
+
+
+# ------------------------------------------------------------------ the removed network's files
+
+def pruned_architecture(model: nn.Module) -> dict:
+    """What rebuilds the architecture of `model` (made by ``attenuation.models.create_model``, or
+    cut from such a model by `remove_filters`) without its code: ``{"spec": model_spec(model),
+    "channels": {conv name: output channels}}``. See `build_pruned`."""
+    spec = model_spec(model)
+    if spec is None:
+        raise TypeError(f"{type(model).__name__} was not made by attenuation.models.create_model "
+                        f"(nor cut from such a model): nothing says how to rebuild it")
+    masked = [name for name, m in model.named_modules() if isinstance(m, AttenuatedConv2d)]
+    if masked:
+        raise TypeError(f"{type(model).__name__} still has AttenuatedConv2d layers "
+                        f"({', '.join(masked[:3])}{', ...' if len(masked) > 3 else ''}): store "
+                        f"the network remove_filters returns")
+    return {"spec": spec, "channels": {name: m.out_channels for name, m in model.named_modules()
+                                       if isinstance(m, nn.Conv2d)}}
+
+
+def build_pruned(architecture: dict) -> nn.Module:
+    """The fresh (untrained) model that `pruned_architecture` describes: the registry's model cut,
+    in each channel group, to its first channels, as many as the saved counts of its convs."""
+    channels = architecture.get("channels") if isinstance(architecture, dict) else None
+    if not (isinstance(channels, dict) and set(architecture) == {"spec", "channels"}
+            and all(type(n) is int and n > 0 for n in channels.values())):
+        raise ValueError("a pruned architecture is a dict of 'spec' and 'channels' (a dict "
+                         "{conv name: output channels > 0})")
+    model = create_model_from_spec(architecture["spec"])
+    with warnings.catch_warnings():  # the unprunable convs were named when the model was cut
+        warnings.simplefilter("ignore")
+        groups = find_groups(model)
+    channel_keep = torch.zeros(groups.n_channels, dtype=torch.bool)
+    for group in groups.groups:
+        names = [groups.members[j].name for j in group.members]
+        missing = [name for name in names if name not in channels]
+        if missing:
+            raise ValueError(f"the pruned architecture has no channel count for {', '.join(missing)}")
+        channel_keep[group.offset:group.offset + max(channels[name] for name in names)] = True
+    _shrink(model, groups, channel_keep)
+    return model
+
+
+def save_pruned(model: nn.Module, path: str | os.PathLike) -> None:
+    """Save `model` (see `pruned_architecture`) so that `load_pruned` rebuilds it without the
+    original network or its class. The file is replaced atomically."""
+    checkpoint = {"format": PRUNED_FORMAT, **pruned_architecture(model),
+                  "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    atomic_torch_save(checkpoint, path)
+
+
+def load_pruned(path: str | os.PathLike, map_location="cpu") -> nn.Module:
+    """Rebuild a model saved by `save_pruned` (returned in train mode, like any new module).
+    Files of the VGG-only format /1 (a VGG spec with its channel config) are read too."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no pruned-model checkpoint at {path!r}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path!r} is not a readable pruned-model checkpoint: {e}") from e
+    layout = {PRUNED_FORMAT: {"format", "spec", "channels", "state_dict"},
+              _VGG_FORMAT: {"format", "spec", "state_dict"}}
+    form = checkpoint.get("format") if isinstance(checkpoint, dict) else None
+    if form not in layout or set(checkpoint) != layout[form] or not isinstance(
+            checkpoint["state_dict"], dict):
+        raise ValueError(f"{path!r} is not an {PRUNED_FORMAT!r} checkpoint (expected a dict of "
+                         f"{', '.join(sorted(layout[PRUNED_FORMAT]))}) nor an {_VGG_FORMAT!r} one")
+    try:
+        if form == PRUNED_FORMAT:
+            model = build_pruned({"spec": checkpoint["spec"], "channels": checkpoint["channels"]})
+        else:
+            with torch.device("meta"):
+                model = build_model(checkpoint["spec"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path!r} does not describe a model: {e}") from e
+    try:
+        model.load_state_dict(checkpoint["state_dict"], strict=True, assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"the state_dict in {path!r} does not match its architecture: {e}") from e
+    return model

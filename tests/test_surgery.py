@@ -11,9 +11,9 @@ import torchvision
 from torch import nn
 
 from attenuation.layers import find_groups
-from attenuation.models import vgg
+from attenuation.models import VGG, create_model, model_spec, vgg
 from attenuation.modules import AttenuatedConv2d, convert_model
-from attenuation.surgery import remove_filters
+from attenuation.surgery import PRUNED_FORMAT, load_pruned, pruned_architecture, remove_filters, save_pruned
 
 TOL = dict(rtol=1e-9, atol=1e-9)
 
@@ -125,6 +125,7 @@ def assert_same_function(model, small):
 def assert_removed(model, small, keep):
     """`small` is `model` without the dropped channels: plain convs, member widths as kept."""
     groups = find_groups(model)
+    assert any(not k.all() for k in keep)
     small_modules = dict(small.named_modules())
     for member, k in zip(groups.members, keep):
         assert small_modules[member.name].out_channels == int(k.sum()), member.name
@@ -206,6 +207,30 @@ def test_partly_zeroed_group_channel_is_kept():
         model.a2_bn.bias[0] = 0
     small = remove_filters(model)
     assert small.stem.out_channels == small.a2.out_channels == small.a1.in_channels == 7
+
+
+def test_zero_filter_behind_a_batchnorm_without_affine_is_kept():
+    """Its eval-mode output, -running_mean / sqrt(running_var + eps), is not zero."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, affine=False), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight[1] = model[0].bias[1] = 0
+    assert remove_filters(model)[0].out_channels == 4
+    model[1] = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        model[1].weight[1] = 0
+    assert remove_filters(model)[0].out_channels == remove_filters(model)[4].in_features == 3
+
+
+def test_ignored_convs_leave_their_groups_whole():
+    """The masks of a pruner that ignores convs: one per member of find_groups(model, ignored)."""
+    model, _, _ = pruned_at_random(Net(), seed=8)
+    groups = find_groups(model, ignored=["a2"])
+    keep = [torch.ones(m.n_filters, dtype=torch.bool) for m in groups.members]
+    keep[[m.name for m in groups.members].index("a1")][:2] = False
+    small = remove_filters(model, keep, ignored=["a2"])
+    assert (small.a1.out_channels, small.a2.in_channels) == (4, 4)
+    assert small.stem.out_channels == small.a2.out_channels == 8  # joined with the ignored a2
 
 
 def test_round_to_rounds_each_group_up_with_its_lowest_dropped_channels():
@@ -306,3 +331,109 @@ def test_all_zero_group_is_an_error():
         model.features[5].bias.zero_()
     with pytest.raises(ValueError, match=r"group of features\.4 would be left with no channel"):
         remove_filters(model)
+
+
+REGISTRY = {"resnet20": 0.5, "resnet20b": 0.5, "resnet56": 0.25, "resnet56b": 0.25}
+
+
+@pytest.mark.filterwarnings("ignore:attenuation:UserWarning")  # shortcut A's pad: unprunable convs
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_cifar_resnets_removed_equal_masked_and_round_trip(name, tmp_path):
+    model, keep, _ = pruned_at_random(create_model(name, REGISTRY[name]))
+    small = remove_filters(model, keep)
+    assert_removed(model, small, keep)
+    save_pruned(small, tmp_path / "pruned.pt")
+    loaded = load_pruned(tmp_path / "pruned.pt")
+    assert type(loaded) is type(small) and model_spec(loaded) == model_spec(model)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    small.eval(), loaded.eval()
+    torch.testing.assert_close(loaded(x), small(x), rtol=0, atol=0)
+
+
+def test_save_load_round_trip(tmp_path):
+    model, keep, _ = pruned_at_random(create_model("vgg11", 0.125), seed=7)
+    small = remove_filters(model, keep)
+    path = tmp_path / "pruned.pt"
+    save_pruned(small, path)
+    assert os.listdir(tmp_path) == ["pruned.pt"]  # no temp file left behind
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["format"] == PRUNED_FORMAT == "attenuation.pruned_model/2"
+    assert checkpoint["spec"] == {"name": "vgg11", "width": 0.125, "num_classes": 10}
+    assert checkpoint["channels"] == {name: m.out_channels for name, m in small.named_modules()
+                                      if isinstance(m, nn.Conv2d)}
+    assert checkpoint == {"format": PRUNED_FORMAT, **pruned_architecture(small),
+                          "state_dict": checkpoint["state_dict"]}
+    del model
+    loaded = load_pruned(path)
+    assert loaded.training and all(p.requires_grad for p in loaded.parameters())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    small.eval(), loaded.eval()
+    torch.testing.assert_close(loaded(x), small(x), rtol=0, atol=0)
+    save_pruned(loaded, path)  # overwriting is fine; the loaded model keeps its spec
+    assert load_pruned(str(path)).features[0].out_channels == small.features[0].out_channels
+
+
+def test_reads_the_vgg_format_1(tmp_path):
+    config = [5, "M", 7, "M", 6, "M", 3, "M", 4, "M"]
+    old = VGG(config).eval()
+    path = tmp_path / "old.pt"
+    torch.save({"format": "attenuation.pruned_model/1", "spec": old.spec(),
+                "state_dict": old.state_dict()}, path)
+    loaded = load_pruned(path).eval()
+    assert isinstance(loaded, VGG) and loaded.config == config
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), old(x), rtol=0, atol=0)
+
+
+def test_save_writes_a_plain_file_atomically(tmp_path, monkeypatch):
+    small = remove_filters(create_model("vgg11", 0.125))
+    saved = os.umask(0o022)
+    try:
+        save_pruned(small, tmp_path / "pruned.pt")
+    finally:
+        os.umask(saved)
+    assert os.stat(tmp_path / "pruned.pt").st_mode & 0o777 == 0o644  # as open() makes it
+    before = (tmp_path / "pruned.pt").read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_pruned(small, tmp_path / "pruned.pt")
+    assert (tmp_path / "pruned.pt").read_bytes() == before and os.listdir(tmp_path) == ["pruned.pt"]
+
+
+def test_save_needs_a_removed_registry_model(tmp_path):
+    with pytest.raises(TypeError, match="Linear was not made by attenuation.models.create_model"):
+        save_pruned(nn.Linear(2, 2), tmp_path / "x.pt")
+    with pytest.raises(TypeError, match="VGG was not made by"):
+        save_pruned(vgg(11, width=0.125), tmp_path / "x.pt")
+    with pytest.raises(TypeError, match="still has AttenuatedConv2d layers .*remove_filters"):
+        save_pruned(convert_model(create_model("vgg11", 0.125)), tmp_path / "x.pt")
+    assert os.listdir(tmp_path) == []
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_pruned(tmp_path / "missing.pt")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="not a readable"):
+        load_pruned(corrupt)
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, other)
+    with pytest.raises(ValueError, match="is not an 'attenuation.pruned_model/2' checkpoint"):
+        load_pruned(other)
+    path = tmp_path / "pruned.pt"
+    save_pruned(remove_filters(create_model("resnet20b", 0.25)), path)
+    checkpoint = torch.load(path, weights_only=True)
+    for change, error in [
+            (lambda c: c["channels"].update({"layer1.0.conv1": 3}), "does not match its architecture"),
+            (lambda c: c["channels"].pop("layer1.0.conv1"), "no channel count for layer1.0.conv1"),
+            (lambda c: c["channels"].update({"conv1": 0}), "output channels > 0"),
+            (lambda c: c["spec"].update({"name": "resnet7"}), "does not describe a model.*unknown model")]:
+        broken = copy.deepcopy(checkpoint)
+        change(broken)
+        torch.save(broken, path)
+        with pytest.raises(ValueError, match=error):
+            load_pruned(path)
