@@ -21,7 +21,7 @@ from .files import atomic_write_text, remove_stale_temporaries
 from .models import build_model, create_model, model_title
 from .profiling import count_macs, count_parameters, measure_latency
 from .pruner import Pruner
-from .surgery import remove_filters, save_pruned
+from .surgery import build_pruned, pruned_architecture, remove_filters, save_pruned
 from .train import evaluate, train_epoch
 
 # Options that change where a run writes, not what it computes.
@@ -130,7 +130,7 @@ class Run:
         save_checkpoint({
             "config": self.config.to_dict(), "state": self.state,
             # the architecture of a removed model (an unremoved one is rebuilt from the config)
-            "removed": self.pruner is None, "model_spec": self.model.spec() if self.pruner is None else None,
+            "removed": self.pruner is None, "model_spec": pruned_architecture(self.model) if self.pruner is None else None,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "pruner": self.pruner.state_dict() if self.pruner is not None else None,
             "loader": self.train_loader.state_dict(), "torch_rng": torch.get_rng_state(),
@@ -173,7 +173,8 @@ class Run:
         if saved["removed"]:
             self.pruner.remove_hooks()
             self.pruner = None
-            self.model = self._to_device(build_model(saved["model_spec"]))
+            spec = saved["model_spec"]  # a VGG's own spec in checkpoints older than pruned_architecture
+            self.model = self._to_device(build_model(spec) if "arch" in spec else build_pruned(spec))
             self.optimizer = self._make_optimizer()
         self.model.load_state_dict(saved["model"])
         if self.pruner is not None and saved["pruner"] is not None:

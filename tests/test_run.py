@@ -82,9 +82,10 @@ def test_summary_carries_the_fate_statistics_of_fates_json(tiny_npz, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop_after", [1, 2, 3])
+@pytest.mark.parametrize("stop_after", [1, 2, 3, 4])
 def test_resume_is_bitwise_exact(tiny_npz, tmp_path, stop_after):
-    """Interrupted after the baseline, inside/after attenuation, and after physical removal."""
+    """Interrupted after the baseline, inside/after attenuation, and after recovery and physical
+    removal (the checkpoint then holds the removed network's architecture)."""
     config = dict(epochs={"baseline": 1, "attenuation": 2, "recovery": 1, "finetune": 1}, criterion="random")
     full = run(_config(tiny_npz, tmp_path / "full", **config), progress=False)
     assert run(_config(tiny_npz, tmp_path / "cut", **config), progress=False, stop_after_epochs=stop_after) is None

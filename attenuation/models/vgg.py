@@ -83,7 +83,8 @@ class VGG(nn.Module):
         return self.classifier(torch.flatten(self.features(x), 1))
 
     def spec(self) -> dict:
-        """Everything needed to rebuild this architecture (see `build_model`)."""
+        """Everything needed to rebuild this architecture as it was built (see `build_model`); a copy
+        cut by ``surgery.remove_filters`` keeps it: its own is ``surgery.pruned_architecture``."""
         return {"arch": "vgg", "config": list(self.config),
                 "num_classes": self.num_classes, "in_channels": self.in_channels}
 
