@@ -9,6 +9,7 @@ import sys
 
 from .config import PHASES, PRESETS, RunConfig, preset_config
 from .criteria import available_criteria
+from .layout import GROUP_REDUCTIONS
 from .methods import available_methods
 from .models import VGG_CONFIGS, available_models
 from .schedule import RAMPS
@@ -59,6 +60,10 @@ def field_options() -> dict[str, tuple[str, dict]]:
         "return_after": (_PRUNING, dict(type=int, metavar="R",
                                         help="a weak filter returns only after R consecutive "
                                              "attenuation steps left out of the selection (default 1)")),
+        "group_reduce": (_PRUNING, dict(choices=list(GROUP_REDUCTIONS),
+                                        help="how a group channel (one filter of each conv joined by a "
+                                             "residual add, concat or depthwise conv) scores: the sum, "
+                                             "mean or max of its filters' scores (default sum)")),
         "round_to": (_PRUNING, dict(type=int,
                                     help="round kept channels up to a multiple of this at removal")),
         "model": (_TRAINING, dict(choices=available_models(),

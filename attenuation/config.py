@@ -33,6 +33,7 @@ class RunConfig:
     unattenuated_scores: Optional[bool] = None
     return_margin: Optional[float] = None
     return_after: Optional[int] = None
+    group_reduce: str = "sum"  # a group channel's score from its member filters' (PruningConfig)
     # the model: a registry name (attenuation.models.available_models()), or None for VGG-`depth`;
     # validate() keeps one spelling per model (see _resolve_model)
     model: Optional[str] = None
@@ -71,7 +72,8 @@ class RunConfig:
                              scope=self.scope, ramp=self.ramp, factor=self.factor, eps=self.eps,
                              interval=self.interval, reversible=self.reversible,
                              unattenuated_scores=self.unattenuated_scores,
-                             return_margin=self.return_margin, return_after=self.return_after)
+                             return_margin=self.return_margin, return_after=self.return_after,
+                             group_reduce=self.group_reduce)
 
     def lr_schedule(self) -> LRSchedule:
         return LRSchedule(peak=self.lr, warmup_fraction=self.lr_warmup_fraction,
@@ -195,7 +197,7 @@ def preset_config(preset: str = "quick", **overrides) -> RunConfig:
 # belongs here; tests/test_baseline.py checks that runs differing in these share a baseline.
 AFTER_BASELINE_FIELDS = ("preset", "method", "criterion", "ratio", "scope", "ramp", "factor", "eps",
                          "interval", "reversible", "unattenuated_scores", "return_margin",
-                         "return_after", "round_to", "lr_pruning_fraction",
+                         "return_after", "group_reduce", "round_to", "lr_pruning_fraction",
                          "lr_finetune_fraction", "out")
 
 

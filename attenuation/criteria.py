@@ -1,5 +1,6 @@
-"""Filter-importance criteria: each maps the prunable layers to one flat float32 score per filter
-(lower = weaker). Add your own with :func:`register_criterion`."""
+"""Filter-importance criteria: each maps the member convs of the channel groups to one flat float32
+score per filter (lower = weaker); the pruner reduces them per group channel. Add your own with
+:func:`register_criterion`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,14 +10,14 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .layers import PrunableLayer
+from .layers import GroupMember
 from .transfer import to_device
 
 
 @dataclass
 class CriterionContext:
-    layers: Sequence[PrunableLayer]
-    removed: Tensor                 # flat bool, the filters removed so far
+    layers: Sequence[GroupMember]   # the member convs, module order
+    removed: Tensor                 # flat bool over their filters, the filters removed so far
     generator: torch.Generator      # CPU generator owned (and checkpointed) by the pruner
     backend: Optional[str] = None
     # Per layer, the weights a weight criterion scores: the convs' own, or with the pruner's
@@ -91,7 +92,7 @@ def geometric_median(ctx: CriterionContext) -> Tensor:
 NEEDS_AFFINE_BN = ("bn", "bn_taylor")
 
 
-def require_affine_bn(layers: Sequence[PrunableLayer], criterion: str = "bn") -> None:
+def require_affine_bn(layers: Sequence[GroupMember], criterion: str = "bn") -> None:
     """The criteria of NEEDS_AFFINE_BN read each conv's BatchNorm: refuse layers without one (the
     pruner calls this at construction, so that a bad model fails before the first step)."""
     missing = [layer.name for layer in layers if layer.bn is None or layer.bn.weight is None]

@@ -14,7 +14,8 @@ from torch import Tensor
 
 from . import ops
 from .criteria import NEEDS_AFFINE_BN, CriterionContext, get_criterion, require_affine_bn, scales_with_filter
-from .layers import PrunableLayer, find_prunable_layers
+from .layers import GroupMember, ModelGroups, find_groups
+from .layout import GROUP_REDUCTIONS, ChannelLayout
 from .modules import convert_model
 from .schedule import check_ramp, ramp_ratio, weak_count
 from .transfer import HostCopy, to_device
@@ -65,13 +66,17 @@ class PruningConfig:
     # set, which keeps its size (a held filter takes the place of the selection's highest scorer).
     return_margin: float = 0.0
     return_after: int = 1
+    # How a group channel's score is made of its member filters' scores (docs/METHOD.md, "Channel
+    # groups"): "sum", "mean" or "max". A group of one conv (a VGG's every conv) scores its filters
+    # as they are, whichever it is.
+    group_reduce: str = "sum"
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> "PruningConfig":
         """Check every field's type, then its value: TypeError / ValueError naming the field."""
-        for name in ("criterion", "scope", "ramp", "attenuate"):
+        for name in ("criterion", "scope", "ramp", "attenuate", "group_reduce"):
             _check_type(name, getattr(self, name), str, "a string")
         for name in ("step_at_start", "mask_gradients", "reversible"):
             _check_type(name, getattr(self, name), bool, "True or False")
@@ -90,6 +95,9 @@ class PruningConfig:
         if self.attenuate not in ATTENUATE_TARGETS:
             raise ValueError(f"unknown attenuate {self.attenuate!r}: expected one of "
                              f"{', '.join(ATTENUATE_TARGETS)}")
+        if self.group_reduce not in GROUP_REDUCTIONS:
+            raise ValueError(f"unknown group_reduce {self.group_reduce!r}: expected one of "
+                             f"{', '.join(GROUP_REDUCTIONS)}")
         _check_interval(self.interval)
         if self.unattenuated_scores is not None:
             _check_type("unattenuated_scores", self.unattenuated_scores, bool, "True, False or None")
@@ -134,7 +142,7 @@ def _bn_gain(bn: nn.BatchNorm2d) -> Tensor:
     return gain.to(bn.weight.dtype)
 
 
-def _require_affine_or_no_bn(layers: Sequence[PrunableLayer]) -> None:
+def _require_affine_or_no_bn(layers: Sequence[GroupMember]) -> None:
     """attenuate="gamma" scales the gamma of the BatchNorm after each conv: refuse a BN without one."""
     missing = [layer.name for layer in layers if layer.bn is not None and layer.bn.weight is None]
     if missing:
@@ -144,7 +152,8 @@ def _require_affine_or_no_bn(layers: Sequence[PrunableLayer]) -> None:
 
 # Fields added to PruningConfig after checkpoints were first written, with the value that kept the
 # earlier runs unchanged (a saved state lacking one is read with it).
-_ADDED_FIELDS = {"step_at_start": False, "unattenuated_scores": None, "return_margin": 0.0, "return_after": 1}
+_ADDED_FIELDS = {"step_at_start": False, "unattenuated_scores": None, "return_margin": 0.0, "return_after": 1,
+                 "group_reduce": "sum"}
 
 
 def _upgrade_config(config):
@@ -171,11 +180,18 @@ def _check_interval(interval) -> None:
 
 
 class Pruner:
-    """Scores, attenuates and removes the filters of every conv of ``model``.
+    """Scores, attenuates and removes the channel groups of ``model`` (docs/METHOD.md, "Channel
+    groups"): the unit of the rule is a group channel, one filter of each conv joined through it.
 
     Usage: ``pruner.start(total_steps)`` at the start of the pruning phase, ``pruner.step()`` after
     every optimizer step (also during recovery: it keeps removed filters at zero), and
-    ``pruner.finish()`` at the end of the phase, which removes the filters still weak.
+    ``pruner.finish()`` at the end of the phase, which removes the channels still weak.
+
+    The per-unit state (``status``, ``multiplier``, ``steps_weak``, ``returns``, ``removed_at``,
+    ``history``) is per group channel, group after group (``counts``: the groups' sizes,
+    ``offsets``: where each starts). ``layers`` are the member convs (module order, as
+    :func:`~attenuation.layers.find_groups` lists them); the ops work on their filters, which
+    always share their group channel's status and multiplier.
 
     ``step()`` reads nothing from the device: an attenuation step starts a copy of the status to
     the host, and its live masks reach the convs at the next ``step()`` (see :meth:`sync_live`).
@@ -188,23 +204,28 @@ class Pruner:
         self.config = (config or PruningConfig()).validate()
         self.backend = backend
         convert_model(model, backend)
-        self.layers: list[PrunableLayer] = find_prunable_layers(model, ignored_layers)
+        self.groups: ModelGroups = find_groups(model, ignored_layers)
+        if not self.groups.members:
+            raise ValueError(f"{type(model).__name__} has no conv to prune; left out: "
+                             f"{', '.join(self.groups.unprunable) or 'none'}")
+        self.layers: list[GroupMember] = self.groups.members
         if self.config.criterion in NEEDS_AFFINE_BN:  # fail now, not at the first step
             require_affine_bn(self.layers, self.config.criterion)
         if self.config.attenuate == "gamma":
             _require_affine_or_no_bn(self.layers)
-        self.counts = [layer.n_filters for layer in self.layers]
-        self.offsets = [0]
-        for n in self.counts:
-            self.offsets.append(self.offsets[-1] + n)
         device = self.layers[0].conv.weight.device
-        total = self.offsets[-1]
+        self.layout = ChannelLayout(self.groups, device)
+        self.counts, self.offsets = self.layout.counts, self.layout.offsets
+        total = self.layout.n_channels
         self.status = torch.zeros(total, dtype=torch.uint8, device=device)
         self.multiplier = torch.ones(total, dtype=torch.float32, device=device)
+        # the same per member filter: what the ops read and write
+        self._filter_status = self.layout.expand(self.status)
+        self._filter_multiplier = self.layout.expand(self.multiplier)
         self.steps_weak = torch.zeros(total, dtype=torch.int32, device=device)
         self.returns = torch.zeros(total, dtype=torch.int32, device=device)
         self.removed_at = torch.full((total,), -1, dtype=torch.int64, device=device)
-        # consecutive attenuation steps a weak filter has been left out by the selection (hysteresis)
+        # consecutive attenuation steps a weak channel has been left out by the selection (hysteresis)
         self.steps_left_out = torch.zeros(total, dtype=torch.int32, device=device)
         self.generator = torch.Generator().manual_seed(seed)
         self.steps_done = 0          # optimizer steps seen since start()
@@ -219,10 +240,11 @@ class Pruner:
         # masks pass gradients on (both would multiply by one).
         self._removals_possible = False
         self._pending_status: Optional[HostCopy] = None  # status copy of the last _apply, on its way
-        self._removed_for_convs: Optional[list[Tensor]] = None  # taken in, not yet given to the convs
-        # Per layer, the removed counts (its own, its input source's) its live masks were set for:
-        # removal is permanent, so equal counts mean equal masks and the layer is left alone.
-        self._live_set_for: list = [None] * len(self.layers)
+        self._removed_for_convs: Optional[Tensor] = None  # taken in, not yet given to the convs
+        # Per conv of layout.convs, the removed counts (among its output, its input channels) its
+        # live masks were set for: removal is permanent, so equal counts mean equal masks and the
+        # conv is left alone.
+        self._live_set_for: list = [None] * len(self.layout.convs)
         self._hooks = self._register_gradient_masks() if self.config.mask_gradients else []
 
     # ------------------------------------------------------------------ the phase
@@ -258,7 +280,7 @@ class Pruner:
         step, re-zeroes removed filters and attenuates when due."""
         self.sync_live()
         if self._removals_possible:
-            ops.zero_removed_(*self._filter_tensors(), self.status, backend=self.backend)
+            ops.zero_removed_(*self._filter_tensors(), self._filter_status, backend=self.backend)
         if self.phase != "pruning":
             return
         self.steps_done += 1
@@ -272,11 +294,9 @@ class Pruner:
 
     @torch.no_grad()
     def attenuation_step(self) -> None:
-        """Score, select the weak set, attenuate (docs/METHOD.md, "The rule")."""
+        """Score, select the weak set, attenuate (docs/METHOD.md, "The rule"), over group channels."""
         removed = self.status == ops.REMOVED
-        context = CriterionContext(self.layers, removed, self.generator, self.backend,
-                                    self._folded_weights())
-        scores = get_criterion(self.config.criterion)(context).float()
+        scores = self.scores()
         if self.config.divides_weak_scores:
             attenuated = (self.status == ops.WEAK) & (self.multiplier > 0)
             scores = torch.where(attenuated, scores / self.multiplier.clamp_min(1e-30), scores)
@@ -293,12 +313,21 @@ class Pruner:
             weak = self._hold_returns(scores, removed, weak, ks)
         self._apply(weak, self.config.factor, self.config.eps)
 
+    @torch.no_grad()
+    def scores(self) -> Tensor:
+        """Per group channel, the criterion's scores of its member filters reduced by
+        ``group_reduce`` (float32; not yet divided by the multiplier)."""
+        context = CriterionContext(self.layers, self._filter_status == ops.REMOVED, self.generator,
+                                   self.backend, self._folded_weights())
+        filter_scores = get_criterion(self.config.criterion)(context).float()
+        return self.layout.aggregate(filter_scores, self.config.group_reduce)
+
     def _hold_returns(self, scores: Tensor, removed: Tensor, selected: Tensor, ks: Tensor) -> Tensor:
-        """The weak set under hysteresis (docs/METHOD.md, "Hysteresis"): each weak filter that the
-        selection left out is held unless its score clears its layer's threshold (the highest
+        """The weak set under hysteresis (docs/METHOD.md, "Hysteresis"): each weak channel that the
+        selection left out is held unless its score clears its group's threshold (the highest
         selected live score) by ``return_margin`` (relative to the threshold's magnitude) and it
-        has been left out ``return_after`` consecutive steps. Each layer's k lowest filters are then
-        weak, ordered removed first, then held, then the rest, each by ascending score."""
+        has been left out ``return_after`` consecutive steps. Each group's k lowest channels are
+        then weak, ordered removed first, then held, then the rest, each by ascending score."""
         left_out = (self.status == ops.WEAK) & ~selected
         self.steps_left_out = torch.where(left_out, self.steps_left_out + 1, 0)
         held = left_out & (self.steps_left_out < self.config.return_after)
@@ -306,7 +335,7 @@ class Pruner:
             live_selected = torch.where(selected & ~removed, scores, -math.inf)
             threshold = torch.cat([part.amax().expand(n) for part, n in
                                    zip(live_selected.split(self.counts), self.counts)])
-            # no live filter selected (threshold -inf): no place to hold one in, all may return
+            # no live channel selected (threshold -inf): no place to hold one in, all may return
             margin = torch.where(threshold > -math.inf, self.config.return_margin * threshold.abs(), 0.0)
             held |= left_out & ~(scores > threshold + margin)
         # removed and held first, removed (-inf) before held (clamped above -inf); ties by index
@@ -318,31 +347,35 @@ class Pruner:
 
     @torch.no_grad()
     def finish(self) -> None:
-        """End of the pruning phase: every still-weak filter is removed (docs/METHOD.md, "The rule")."""
+        """End of the pruning phase: every still-weak channel is removed (docs/METHOD.md, "The rule")."""
         # factor 0 makes every multiplier 0, below eps = 1: all of them are removed
         self._apply(self.status == ops.WEAK, 0.0, 1.0, count_weak_step=False)
         self.sync_live()
         self.phase = "finished"
 
     def _apply(self, weak: Tensor, factor: float, eps: float, count_weak_step: bool = True) -> None:
+        """Attenuate the weak group channels: every member filter of each alike."""
         if count_weak_step:
             self.steps_weak += (weak & (self.status != ops.REMOVED)).int()
         tensors, stats = self._attenuated_tensors()
-        returned, newly_removed = ops.attenuate_(*tensors, weak, self.status, self.multiplier, factor, eps,
+        returned, newly_removed = ops.attenuate_(*tensors, self.layout.expand(weak), self._filter_status,
+                                                 self._filter_multiplier, factor, eps,
                                                  restore=self.config.reversible, backend=self.backend,
                                                  **stats)
         if self.config.attenuate == "gamma":  # removal always zeroes the whole filter
-            ops.zero_removed_(*self._filter_tensors(), self.status, backend=self.backend)
-        self.returns += returned.int()
-        self.removed_at = torch.where(newly_removed, self.steps_done, self.removed_at)
+            ops.zero_removed_(*self._filter_tensors(), self._filter_status, backend=self.backend)
+        self.status.copy_(self.layout.of_channels(self._filter_status))
+        self.multiplier.copy_(self.layout.of_channels(self._filter_multiplier))
+        self.returns += self.layout.of_channels(returned).int()
+        self.removed_at = torch.where(self.layout.of_channels(newly_removed), self.steps_done, self.removed_at)
         self.history.append(self.status.clone())
         self.history_steps.append(self.steps_done)
         self._removals_possible = True
         self._pending_status = HostCopy(self.status)
 
     def _attenuated_tensors(self):
-        """attenuate_'s per-layer tensors (weights, biases, gammas, betas) and its ``running_means``
-        and ``running_vars`` keywords, for the configured ``attenuate``."""
+        """attenuate_'s per-member tensors (weights, biases, gammas, betas) and its
+        ``running_means`` and ``running_vars`` keywords, for the configured ``attenuate``."""
         weights, biases, gammas, betas = self._filter_tensors()
         if self.config.attenuate == "filter":
             stats = dict(running_means=[layer.bn.running_mean if layer.bn is not None else None
@@ -384,14 +417,15 @@ class Pruner:
         CUDA this waits for it, normally done by then): the host count and the convs' next masks."""
         if self._pending_status is None:
             return
-        removed = (self._pending_status.wait() == ops.REMOVED).split(self.counts)
+        removed = self._pending_status.wait() == ops.REMOVED
         self._pending_status = None
-        self._n_removed = sum(int(r.sum()) for r in removed)
+        self._n_removed = int(removed.sum())
         self._removals_possible = self._n_removed > 0
-        self._removed_for_convs = list(removed)
+        self._removed_for_convs = removed
 
     def sync_live(self) -> None:
-        """Give the convs the live masks of the last attenuation step now.
+        """Give the convs the live masks of the last attenuation step now: each member conv's
+        output channels and each reading conv's input channels follow their group channels.
 
         ``step()`` does it first, ``finish()``, ``state_dict()`` and :meth:`live_masks` too: no
         user needs to call it. Until then the convs still compute the newly removed channels, which
@@ -402,19 +436,21 @@ class Pruner:
         removed, self._removed_for_convs = self._removed_for_convs, None
         if removed is None:
             return
-        removed_per_layer = [int(r.sum()) for r in removed]
-        for i, layer in enumerate(self.layers):
-            source = layer.source
-            counts = (removed_per_layer[i], removed_per_layer[source] if source is not None else 0)
+        removed = torch.cat([removed, removed.new_zeros(1)])  # the slot of channels outside any group
+        for i, entry in enumerate(self.layout.convs):
+            dead_out = None if entry.out_channels is None else removed[entry.out_channels]
+            dead_in = None if entry.in_channels is None else removed[entry.in_channels]
+            counts = tuple(0 if dead is None else int(dead.sum()) for dead in (dead_out, dead_in))
             if self._live_set_for[i] == counts:
                 continue
-            layer.conv.set_live(~removed[i] if counts[0] else None, ~removed[source] if counts[1] else None)
+            entry.conv.set_live(~dead_out if counts[0] else None, ~dead_in if counts[1] else None)
             self._live_set_for[i] = counts
 
     def _register_gradient_masks(self):
         handles = []
+        offsets = self.layout.filter_offsets
         for i, layer in enumerate(self.layers):
-            start, end = self.offsets[i], self.offsets[i + 1]
+            start, end = offsets[i], offsets[i + 1]
             for tensor in (layer.conv.weight, layer.conv.bias,
                            *((layer.bn.weight, layer.bn.bias) if layer.bn is not None else ())):
                 if tensor is not None and tensor.requires_grad:
@@ -425,7 +461,7 @@ class Pruner:
         def mask(grad: Tensor) -> Tensor:
             if not self._removals_possible:
                 return grad
-            keep = (self.status[start:end] != ops.REMOVED).to(grad.dtype)
+            keep = (self._filter_status[start:end] != ops.REMOVED).to(grad.dtype)
             return grad * keep.view(-1, *([1] * (grad.dim() - 1)))
         return mask
 
@@ -437,23 +473,23 @@ class Pruner:
 
     # ------------------------------------------------------------------ results
     def keep_masks(self) -> list[Tensor]:
-        """Per layer, True for the filters not removed (the input to physical removal)."""
-        keep = self.status != ops.REMOVED
-        return [keep[self.offsets[i]:self.offsets[i + 1]] for i in range(len(self.counts))]
+        """Per member conv (``layers``, the order of ``find_groups(model).members``), True for the
+        filters not removed: the input to :func:`attenuation.surgery.remove_filters`."""
+        return list((self._filter_status != ops.REMOVED).split(self.layout.filter_counts))
 
     @property
     def n_removed(self) -> int:
-        """The number of removed filters, as of the last attenuation step (waits for its status
-        copy; the convs' masks are left to the next step, so reading never changes training)."""
+        """The number of removed group channels, as of the last attenuation step (waits for its
+        status copy; the convs' masks are left to the next step, so reading never changes training)."""
         self._take_in_status()
         return self._n_removed
 
     def live_fraction(self) -> float:
-        """Live filters over all filters, as of the last attenuation step."""
-        return 1.0 - self.n_removed / self.offsets[-1]
+        """Live group channels over all group channels, as of the last attenuation step."""
+        return 1.0 - self.n_removed / self.layout.n_channels
 
     def live_masks(self) -> list[tuple[Tensor, Optional[Tensor]]]:
-        """Per layer, its conv's (live_out, live_in) masks (live_in None: every input channel),
+        """Per member conv, its (live_out, live_in) masks (live_in None: every input channel),
         after giving the convs the masks of the last attenuation step."""
         self.sync_live()
         return [(layer.conv.live_out, layer.conv.live_in) for layer in self.layers]
@@ -461,22 +497,25 @@ class Pruner:
     def total_returns(self) -> int:
         return int(self.returns.sum())
 
+    def group_names(self) -> list[str]:
+        """Per group, its name: its first member's."""
+        return [self.layers[group.members[0]].name for group in self.groups.groups]
+
     def fates(self) -> list[dict]:
-        """Per layer: each filter's steps weak, returns and the step it was removed at (-1: kept)."""
+        """Per group: each channel's steps weak, returns and the step it was removed at (-1: kept)."""
         out = []
-        for i, layer in enumerate(self.layers):
+        for i, name in enumerate(self.group_names()):
             s = slice(self.offsets[i], self.offsets[i + 1])
-            out.append({"name": layer.name, "steps_weak": self.steps_weak[s].tolist(),
+            out.append({"name": name, "steps_weak": self.steps_weak[s].tolist(),
                         "returns": self.returns[s].tolist(), "removed_at": self.removed_at[s].tolist()})
         return out
 
     def status_history(self) -> dict[str, Tensor]:
-        """Per layer name, a (steps, filters) uint8 matrix of statuses after each attenuation step."""
+        """Per group name, a (steps, channels) uint8 matrix of statuses after each attenuation step."""
         if not self.history:
-            return {layer.name: torch.zeros(0, n, dtype=torch.uint8) for layer, n in zip(self.layers, self.counts)}
+            return {name: torch.zeros(0, n, dtype=torch.uint8) for name, n in zip(self.group_names(), self.counts)}
         stacked = torch.stack(self.history).cpu()
-        return {layer.name: stacked[:, self.offsets[i]:self.offsets[i + 1]]
-                for i, layer in enumerate(self.layers)}
+        return {name: stacked[:, self.offsets[i]:self.offsets[i + 1]] for i, name in enumerate(self.group_names())}
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
@@ -487,6 +526,7 @@ class Pruner:
             "config": dataclasses.asdict(self.config),
             "layer_names": [layer.name for layer in self.layers],
             "counts": list(self.counts),
+            "filter_channels": self.layout.filter_channel_host.clone(),
             "status": self.status.clone(), "multiplier": self.multiplier.clone(),
             "steps_weak": self.steps_weak.clone(), "returns": self.returns.clone(),
             "removed_at": self.removed_at.clone(), "steps_left_out": self.steps_left_out.clone(),
@@ -498,11 +538,7 @@ class Pruner:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        names = [layer.name for layer in self.layers]
-        if state.get("layer_names") != names or state.get("counts") != self.counts:
-            raise ValueError("pruner state is from another model: its layers "
-                             f"{state.get('layer_names')} / {state.get('counts')} do not match "
-                             f"{names} / {self.counts}")
+        self._check_layout(state)
         saved_config = _upgrade_config(state.get("config"))
         if saved_config != dataclasses.asdict(self.config):
             raise ValueError(f"pruner state is from another configuration: {saved_config} "
@@ -510,6 +546,8 @@ class Pruner:
         device = self.status.device
         for key in ("status", "multiplier", "steps_weak", "returns", "removed_at"):
             getattr(self, key).copy_(state[key].to(device))
+        self._filter_status.copy_(self.layout.expand(self.status))
+        self._filter_multiplier.copy_(self.layout.expand(self.multiplier))
         self.steps_left_out.zero_()  # absent from a state saved before hysteresis existed
         if "steps_left_out" in state:
             self.steps_left_out.copy_(state["steps_left_out"].to(device))
@@ -519,6 +557,25 @@ class Pruner:
         history = state["history"]
         self.history = [] if history is None else [row.to(device) for row in history]
         self.history_steps = list(state["history_steps"])
-        self._live_set_for = [None] * len(self.layers)  # a loaded status may differ in any way
+        self._live_set_for = [None] * len(self.layout.convs)  # a loaded status may differ in any way
         self._pending_status = HostCopy(self.status)  # replaces any pending copy
         self.sync_live()
+
+    def _check_layout(self, state: dict) -> None:
+        """The state's member convs, group sizes and filter-to-channel map must be this model's. A
+        state saved before channel groups has no map: it was one group per conv, each filter its
+        own channel, and fits only a model whose groups are that."""
+        names = [layer.name for layer in self.layers]
+        if state.get("layer_names") != names or state.get("counts") != self.counts:
+            raise ValueError("pruner state is from another model: its layers "
+                             f"{state.get('layer_names')} / {state.get('counts')} do not match "
+                             f"{names} / {self.counts}")
+        saved = state.get("filter_channels")
+        mine = self.layout.filter_channel_host
+        if saved is None and not (self.counts == self.layout.filter_counts
+                                  and torch.equal(mine, torch.arange(mine.numel()))):
+            raise ValueError("pruner state is from before channel groups (one group per conv), but "
+                             "this model's convs share channels: it cannot be read")
+        if saved is not None and not torch.equal(saved.cpu(), mine):
+            raise ValueError("pruner state is from another model: its convs' filters map to other "
+                             "group channels")

@@ -80,7 +80,8 @@ def test_histories_that_the_rule_cannot_make_are_refused(history, ended, match):
 
 def _net():
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+                         nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 2))  # all convs prunable
 
 
 @pytest.mark.parametrize("config", [

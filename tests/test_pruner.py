@@ -38,6 +38,12 @@ def _status(pruner):
     return [pruner.status[pruner.offsets[i]:pruner.offsets[i + 1]].tolist() for i in range(len(pruner.counts))]
 
 
+def _head(channels):
+    """A classifier head: a conv whose channels reach the model's output is left unprunable
+    (find_groups), so a toy model ends in one."""
+    return nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 2)
+
+
 def _live_out(pruner):
     return [layer.conv.live_out.tolist() for layer in pruner.layers]
 
@@ -222,13 +228,14 @@ def test_readers_are_current_without_sync_live(seed, scope):
 
 
 def test_grouped_and_padded_convs_are_pruned_consistently():
-    """Grouped, depthwise and reflect-padded convs are pruned and take their masks like the others
-    (their masked forward itself: tests/test_modules.py); the masked model computes what the same
-    weights compute in plain nn.Conv2d layers."""
+    """Depthwise and reflect-padded convs are pruned and take their masks like the others (their
+    masked forward itself: tests/test_modules.py; a depthwise conv is in its input's group, other
+    grouped convs are left unprunable: tests/test_groups.py); the masked model computes what the
+    same weights compute in plain nn.Conv2d layers."""
     torch.manual_seed(0)
     plain = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, groups=2, padding_mode="reflect"), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(8), nn.ReLU(),
         nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
     model = copy.deepcopy(plain)
@@ -238,6 +245,7 @@ def test_grouped_and_padded_convs_are_pruned_consistently():
     masks = pruner.live_masks()
     assert [int(out.sum()) for out, _ in masks] == [4, 4, 4]
     assert masks[1][1].tolist() == masks[0][0].tolist() and masks[2][1].tolist() == masks[1][0].tolist()
+    assert masks[2][0].tolist() == masks[1][0].tolist()  # the depthwise conv follows its input
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if "live_" not in k})
     model.double()
     plain.double()
@@ -446,10 +454,10 @@ def test_bad_method_and_models_are_refused():
         method_config("magic")
     with pytest.raises(ValueError, match="no nn.Conv2d"):
         Pruner(nn.Sequential(nn.Linear(2, 2)))
-    no_bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    no_bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), *_head(4))
     with pytest.raises(ValueError, match="criterion 'bn'"):
         Pruner(no_bn, PruningConfig(criterion="bn"))
-    not_affine = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, affine=False))
+    not_affine = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, affine=False), *_head(4))
     with pytest.raises(ValueError, match="criterion 'bn' needs an affine BatchNorm2d.*: 0"):
         Pruner(not_affine, PruningConfig(criterion="bn"))
     with pytest.raises(ValueError, match="at least one step"):
@@ -460,7 +468,7 @@ def test_bad_method_and_models_are_refused():
 def test_reversible_multiplier_lets_attenuated_filters_return(reversible, returned):
     """Filter i has L1 norm proportional to i+1. After one step filters 0 and 1 are weak (x0.5).
     Filter 2 then shrinks to 1.5/3 of itself: between filter 1's attenuated and original norm."""
-    model = nn.Sequential(nn.Conv2d(1, 8, 1, bias=False))
+    model = nn.Sequential(nn.Conv2d(1, 8, 1, bias=False), *_head(8))
     with torch.no_grad():
         model[0].weight.copy_(torch.arange(1, 9, dtype=torch.float32).view(8, 1, 1, 1))
     pruner = Pruner(model, PruningConfig(ratio=0.25, ramp="constant", factor=0.5, eps=0.01,

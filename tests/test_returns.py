@@ -126,7 +126,8 @@ def test_hysteresis_holds_a_weak_filter_until_it_clears_the_margin_long_enough()
     once it is left out a second time (return_after 2) with a score over 1.5 x the threshold."""
     config = PruningConfig(criterion="_scripted", ratio=0.25, ramp="constant", factor=0.9, eps=0.01,
                            interval=1, return_margin=0.5, return_after=2)
-    pruner = Pruner(nn.Sequential(nn.Conv2d(1, 4, 1)), config, backend="reference")
+    model = nn.Sequential(nn.Conv2d(1, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    pruner = Pruner(model, config, backend="reference")
     _SCRIPT[:] = [torch.tensor(s) for s in ([1.0, 2.0, 3.0, 4.0],   # 0 weak
                                             [2.0, 1.0, 3.0, 4.0],   # clears 1 + 0.5, left out once: held
                                             [1.4, 1.0, 3.0, 4.0],   # twice, within the margin: held
@@ -190,7 +191,8 @@ def test_bn_taylor_is_the_taylor_contribution_after_the_batchnorm():
 
 def test_bn_taylor_needs_batchnorms_and_gradients():
     with pytest.raises(ValueError, match="criterion 'bn_taylor' needs an affine BatchNorm2d.*: 0"):
-        Pruner(nn.Sequential(nn.Conv2d(3, 4, 3)), PruningConfig(criterion="bn_taylor"))
+        Pruner(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)),
+               PruningConfig(criterion="bn_taylor"))
     pruner = Pruner(_net(), PruningConfig(criterion="bn_taylor", interval=1))
     pruner.start(2)
     with pytest.raises(RuntimeError, match="'bn_taylor' needs the BatchNorms' gradients"):

@@ -189,7 +189,8 @@ def test_a_short_sfp_run_does_not_collapse(squares_npz, tmp_path):
 
 
 def test_without_a_batchnorm_sfp_zeroes_the_conv_and_refuses_a_batchnorm_without_gamma():
-    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 3))
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 3),  # read by a head: prunable
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
     expected = torch.cat([_lowest(model[i].weight.detach().flatten(1).abs().sum(1), 0.5) for i in (0, 2)])
     pruner = Pruner(model, method_config("sfp", ratio=0.5))
     pruner.start(4, steps_per_epoch=2)
