@@ -242,7 +242,7 @@ def _overhead(results: dict) -> list[str]:
                    else [f"failed: {r['error'][:120]}", f"physically removed {_ms(r['ideal_ms'])}",
                          "", "+15%", ""])
         rows.append([f"{r['ratio']:.0%} removed", _training_path(r), *outcome])
-    compactions = [f"{r['ratio']:.0%} {_ms(r['compaction_ms'])} ms" for r in o["pruned"] if "compaction_ms" in r]
+    compactions = [f"{_ms(r['compaction_ms'])} ms at {r['ratio']:.0%}" for r in o["pruned"] if "compaction_ms" in r]
     return [f"{o['model']}, batch {o['batch']}, one SGD step (forward, backward, update, pruner "
             f"step), median of interleaved repetitions; masked: the removed filters still in the "
             f"network, compacted: cut out by Pruner.compact"
