@@ -10,6 +10,7 @@ import sys
 from .config import PHASES, PRESETS, RunConfig, preset_config
 from .criteria import available_criteria
 from .layout import GROUP_REDUCTIONS
+from .pruner import ATTENUATE_TARGETS
 from .methods import available_methods
 from .models import VGG_CONFIGS, available_models
 from .schedule import RAMPS
@@ -64,6 +65,10 @@ def field_options() -> dict[str, tuple[str, dict]]:
                                         help="how a group channel (one filter of each conv joined by a "
                                              "residual add, concat or depthwise conv) scores: the sum, "
                                              "mean or max of its filters' scores (default sum)")),
+        "attenuate": (_PRUNING, dict(choices=list(ATTENUATE_TARGETS),
+                                     help="what an attenuation step scales: the filter (weights, bias, "
+                                          "BN; the rule), the BN's gamma (sfp's preset), or the "
+                                          "channel's output through a straight-through soft mask")),
         "round_to": (_PRUNING, dict(type=int,
                                     help="round kept channels up to a multiple of this at removal")),
         "compact": (_TRAINING, dict(action=argparse.BooleanOptionalAction,

@@ -34,6 +34,7 @@ class RunConfig:
     return_margin: Optional[float] = None
     return_after: Optional[int] = None
     group_reduce: str = "sum"  # a group channel's score from its member filters' (PruningConfig)
+    attenuate: Optional[str] = None  # what a step scales: filter, gamma or output (PruningConfig)
     # the model: a registry name (attenuation.models.available_models()), or None for VGG-`depth`;
     # validate() keeps one spelling per model (see _resolve_model)
     model: Optional[str] = None
@@ -77,7 +78,7 @@ class RunConfig:
                              interval=self.interval, reversible=self.reversible,
                              unattenuated_scores=self.unattenuated_scores,
                              return_margin=self.return_margin, return_after=self.return_after,
-                             group_reduce=self.group_reduce)
+                             group_reduce=self.group_reduce, attenuate=self.attenuate)
 
     def lr_schedule(self) -> LRSchedule:
         return LRSchedule(peak=self.lr, warmup_fraction=self.lr_warmup_fraction,
@@ -201,8 +202,8 @@ def preset_config(preset: str = "quick", **overrides) -> RunConfig:
 # belongs here; tests/test_baseline.py checks that runs differing in these share a baseline.
 AFTER_BASELINE_FIELDS = ("preset", "method", "criterion", "ratio", "scope", "ramp", "factor", "eps",
                          "interval", "reversible", "unattenuated_scores", "return_margin",
-                         "return_after", "group_reduce", "round_to", "compact", "lr_pruning_fraction",
-                         "lr_finetune_fraction", "out")
+                         "return_after", "group_reduce", "attenuate", "round_to", "compact",
+                         "lr_pruning_fraction", "lr_finetune_fraction", "out")
 
 
 def baseline_key(config: RunConfig | dict) -> dict:

@@ -279,7 +279,10 @@ class _ChannelFlow:
                 else:
                     self.union(x, y)
             return _Channels(y if x == _EXTERNAL else x for x, y in zip(a, b))
-        self.touch([a, b], f"{node.name} adds tensors whose channels do not align")
+        if a is None or b is None:  # the reason is upstream, named where it was touched
+            self.touch([a, b], "an add takes the output of an op not understood")
+        else:
+            self.touch([a, b], f"{node.name} adds tensors whose channels do not align")
         return None
 
     def concat(self, args: list, kwargs: dict, node: fx.Node):

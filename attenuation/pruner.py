@@ -26,7 +26,7 @@ from .transfer import HostCopy, to_device
 
 SCOPES = ("layer", "global")
 # What an attenuation step scales (PruningConfig.attenuate; docs/METHOD.md, "Special cases").
-ATTENUATE_TARGETS = ("filter", "gamma")
+ATTENUATE_TARGETS = ("filter", "gamma", "output")
 
 
 @dataclass
@@ -51,6 +51,10 @@ class PruningConfig:
     # the conv weights alone restarts a filter at the BN's singular point, whose 1/sqrt(bn.eps)
     # regrows it within a step or two to several times the kept filters' norm; a zero gamma gives
     # the channel the same output (beta) and regrows at the ordinary rate (docs/METHOD.md, Decisions).
+    # Or "output", a straight-through soft mask: no parameter is scaled; the multiplier m scales the
+    # channel's output after its BN in the forward pass, the backward pass goes through as if m were
+    # 1, so a weak filter trains and is scored unscaled and a return gives it its full output back
+    # (docs/METHOD.md, "The straight-through soft mask").
     attenuate: str = "filter"
     # Treat the multiplier as a reversible soft mask (an option, off by default): a weak filter is
     # scored as if it were not attenuated (its score divided by its multiplier, for criteria that
@@ -105,6 +109,10 @@ class PruningConfig:
         _check_interval(self.interval)
         if self.unattenuated_scores is not None:
             _check_type("unattenuated_scores", self.unattenuated_scores, bool, "True, False or None")
+        if self.attenuate == "output" and (self.reversible or self.unattenuated_scores):
+            raise ValueError("attenuate='output' scales no parameter: its scores are unattenuated and a "
+                             "return restores the full output already; reversible and "
+                             "unattenuated_scores do not apply")
         _check_finite("return_margin", self.return_margin)
         if not self.return_margin >= 0.0:
             raise ValueError(f"return_margin must be >= 0, got {self.return_margin}")
@@ -253,7 +261,7 @@ class Pruner:
         self._removals_possible = False
         self._pending_status: Optional[HostCopy] = None  # status copy of the last _apply, on its way
         self._removed_for_convs: Optional[Tensor] = None  # taken in, not yet given to the convs
-        self._hooks = self._register_gradient_masks() if self.config.mask_gradients else []
+        self._hooks = self._register_hooks()
 
     def _attach(self, groups: ModelGroups) -> None:
         """Work on the channel groups of a model: its member convs and the layout over them."""
@@ -274,6 +282,10 @@ class Pruner:
         # live masks were set for: removal is permanent, so equal counts mean equal masks and the
         # conv is left alone.
         self._live_set_for: list = [None] * len(self.layout.convs)
+        if self.config.attenuate == "output":
+            # attenuate_ scales rows of the per-member tensors it is given: in output mode these
+            # scratch rows, never read (the multiplier itself is the mask)
+            self._scratch_rows = [torch.ones(layer.n_filters, 1, device=device) for layer in self.layers]
 
     @property
     def counts(self) -> list[int]:
@@ -404,7 +416,7 @@ class Pruner:
                                                  self._filter_multiplier, factor, eps,
                                                  restore=self.config.reversible, backend=self.backend,
                                                  **stats)
-        if self.config.attenuate == "gamma":  # removal always zeroes the whole filter
+        if self.config.attenuate != "filter":  # removal always zeroes the whole filter
             ops.zero_removed_(*self._filter_tensors(), self._filter_status, backend=self.backend)
         self.status.copy_(self.layout.of_channels(self._filter_status))
         self.multiplier.copy_(self.layout.of_channels(self._filter_multiplier))
@@ -425,11 +437,13 @@ class Pruner:
                          running_vars=[layer.bn.running_var if layer.bn is not None else None
                                        for layer in self.layers])
             return (weights, biases, gammas, betas), stats
+        none = [None] * len(self.layers)
+        if self.config.attenuate == "output":
+            return (self._scratch_rows, none, none, none), {}
         # "gamma": a BN's gamma as an (n, 1) "weight" of one-element rows (the op scales rows); the
         # conv's output, hence the BN statistics, do not change
         targets = [w if g is None else g.view(-1, 1) for w, g in zip(weights, gammas)]
         target_biases = [b if g is None else None for b, g in zip(biases, gammas)]
-        none = [None] * len(self.layers)
         return (targets, target_biases, none, none), {}
 
     def _scored_weights(self) -> Optional[list[Tensor]]:
@@ -502,6 +516,13 @@ class Pruner:
             entry.conv.set_live(~dead_out if counts[0] else None, ~dead_in if counts[1] else None)
             self._live_set_for[i] = counts
 
+    def _register_hooks(self) -> list:
+        """The gradient masks (``mask_gradients``) and, with attenuate="output", the output masks."""
+        hooks = self._register_gradient_masks() if self.config.mask_gradients else []
+        if self.config.attenuate == "output":
+            hooks += self._register_output_masks()
+        return hooks
+
     def _register_gradient_masks(self):
         handles = []
         offsets = self.layout.filter_offsets
@@ -521,8 +542,25 @@ class Pruner:
             return grad * keep.view(-1, *([1] * (grad.dim() - 1)))
         return mask
 
+    def _register_output_masks(self):
+        """attenuate="output": each member's channels leave its BN (its conv where none follows)
+        times their multiplier, straight through in the backward pass."""
+        handles = []
+        offsets = self.layout.filter_offsets
+        for i, layer in enumerate(self.layers):
+            module = layer.bn if layer.bn is not None else layer.conv
+            handles.append(module.register_forward_hook(self._output_mask(offsets[i], offsets[i + 1])))
+        return handles
+
+    def _output_mask(self, start: int, end: int):
+        def mask(module: nn.Module, inputs, output: Tensor) -> Tensor:
+            m = self._filter_multiplier[start:end].to(output.dtype).view(1, -1, *[1] * (output.dim() - 2))
+            return output + (output * m - output).detach()  # forward: m * output; backward: identity
+        return mask
+
     def remove_hooks(self) -> None:
-        """Detach the gradient masks (e.g. before physical removal replaces the model)."""
+        """Detach the gradient masks and the output masks (e.g. before physical removal replaces
+        the model: the output masks are then all 1 or 0, the removed filters zero)."""
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
@@ -556,13 +594,17 @@ class Pruner:
         if bool(keep.all()):
             return model
         masks = list(keep[self.layout.filter_channel_host].split(self.layout.filter_counts))
-        with _known_unprunable():
-            smaller = convert_model(remove_filters(model, masks, optimizer, ignored=self.ignored_layers),
-                                    self.backend)
-            groups = find_groups(smaller, self.ignored_layers)
-        self.remove_hooks()
+        self.remove_hooks()  # first: the copy would take the modules' forward hooks (output masks) along
+        try:
+            with _known_unprunable():
+                smaller = convert_model(remove_filters(model, masks, optimizer, ignored=self.ignored_layers),
+                                        self.backend)
+                groups = find_groups(smaller, self.ignored_layers)
+        except Exception:
+            self._hooks = self._register_hooks()  # model stays the one pruned
+            raise
         self._renumber(groups, keep, removed[keep])
-        self._hooks = self._register_gradient_masks() if self.config.mask_gradients else []
+        self._hooks = self._register_hooks()
         return smaller
 
     def _renumber(self, groups: ModelGroups, keep: Tensor, removed: Tensor) -> None:

@@ -23,7 +23,7 @@ SAMPLES = {
     "ratio": ("0.25", 0.25), "scope": ("global", "global"), "ramp": ("linear", "linear"),
     "factor": ("0.5", 0.5), "eps": ("0.05", 0.05), "interval": ("epoch", "epoch"),
     "reversible": (None, True), "unattenuated_scores": (None, True),
-    "return_margin": ("0.1", 0.1), "return_after": ("3", 3), "group_reduce": ("max", "max"),
+    "return_margin": ("0.1", 0.1), "return_after": ("3", 3), "group_reduce": ("max", "max"), "attenuate": ("output", "output"),
     "compact": ("--no-compact", False),
     "model": ("resnet20", "resnet20"), "depth": ("13", 13), "width": ("0.5", 0.5), "round_to": ("4", 4),
     "epochs": (None, {"baseline": 3, "attenuation": 2, "recovery": 1, "finetune": 0}),

@@ -52,8 +52,9 @@ def _model(name: str) -> nn.Module:
 
 
 # (method, overrides): every preset; removals during the phase (attenuation with a = 0.5, eps =
-# 0.2: three weak steps), the global scope, hysteresis, returns (reversible, random scores) and the
-# criteria that read weights (fpgm), gradients (taylor) and BatchNorms (bn_taylor)
+# 0.2: three weak steps), the global scope, hysteresis, returns (reversible, random scores), the
+# criteria that read weights (fpgm), gradients (taylor) and BatchNorms (bn_taylor), and the
+# straight-through soft mask (its output masks are forward hooks on the modules)
 CASES = {
     "attenuation": ("attenuation", dict(factor=0.5, eps=0.2)),
     "iterative": ("iterative", {}),
@@ -66,6 +67,7 @@ CASES = {
     "fpgm": ("iterative", dict(criterion="fpgm", ramp="linear")),
     "taylor": ("attenuation", dict(criterion="taylor", factor=0.5, eps=0.2)),
     "bn_taylor": ("attenuation", dict(criterion="bn_taylor", factor=0.5, eps=0.2, group_reduce="max")),
+    "output": ("attenuation", dict(attenuate="output", factor=0.5, eps=0.2)),
 }
 EPOCH, PHASE_EPOCHS, RECOVERY_EPOCHS = 6, 4, 1
 
@@ -121,6 +123,7 @@ def _assert_same_run(plain, compacted, round_to: int = 1):
     assert (a.counts, a.offsets, a.n_removed, a.live_fraction(), a.total_returns()) == \
         (b.counts, b.offsets, b.n_removed, b.live_fraction(), b.total_returns())
     assert [layer.name for layer in a.layers] == [layer.name for layer in b.layers]
+    a.remove_hooks(), b.remove_hooks()  # as the run does before the removal (output masks are module hooks)
     final_a = remove_filters(model_a, a.keep_masks(), round_to=round_to)
     final_b = remove_filters(model_b, b.model_keep_masks(), round_to=round_to)
     state_a, state_b = final_a.state_dict(), final_b.state_dict()
@@ -139,7 +142,7 @@ def _matrix():
     for name in ("vgg11", "resnet20b", "resnet20", "inverted"):
         for case in sorted(CASES):
             fast = case in ("attenuation", "global") or (
-                name in ("vgg11", "resnet20b") and case not in ("fpgm", "taylor", "bn_taylor"))
+                name in ("vgg11", "resnet20b") and case not in ("fpgm", "taylor", "bn_taylor", "output"))
             yield pytest.param(name, case, marks=[] if fast else [pytest.mark.slow])
 
 

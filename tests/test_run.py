@@ -15,6 +15,7 @@ from attenuation.profiling import count_macs
 from attenuation.report import SUMMARY_KEYS
 from attenuation.run import OUTPUTS, Run, TrainingDiverged, run
 from attenuation.surgery import load_pruned, pruned_architecture
+from attenuation.train import evaluate
 
 
 def _config(tiny_npz, out, **overrides):
@@ -220,6 +221,22 @@ def test_a_resnet_trains_and_attenuates(tiny_npz, tmp_path):
     # compacted: the checkpoint describes the smaller network it holds
     assert saved["config"]["model"] == "resnet20" and saved["model_spec"] == pruned_architecture(the_run.model)
     assert saved["model_spec"]["channels"]["layer1.0.conv1"] < 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["resnet20", "resnet20b"])
+def test_a_resnet_run_removes_filters_and_its_model_file_stands_alone(tiny_npz, tmp_path, model):
+    """Issue 12: a CIFAR ResNet through the whole loop (channel groups, removal by group) ends
+    with fewer MACs and parameters, and model.pt, rebuilt without the run's objects, gives the
+    reported test accuracy."""
+    the_run = Run(_config(tiny_npz, tmp_path / "run", model=model, width=0.25, ratio=0.5), progress=False)
+    summary = the_run.execute()
+    assert summary["pruned"]["macs"] < summary["baseline"]["macs"]
+    assert summary["pruned"]["params"] < summary["baseline"]["params"]
+    rebuilt = load_pruned(tmp_path / "run" / "model.pt")
+    assert isinstance(rebuilt, ResNet) and model_spec(rebuilt)["name"] == model
+    assert count_macs(rebuilt) == summary["pruned"]["macs"]
+    assert evaluate(rebuilt, the_run.test_loader)[1] == summary["pruned"]["accuracy"]
 
 
 def test_resume_removes_stale_temporaries(tiny_npz, tmp_path):
