@@ -71,6 +71,10 @@ def field_options() -> dict[str, tuple[str, dict]]:
                                           "channel's output through a straight-through soft mask")),
         "round_to": (_PRUNING, dict(type=int,
                                     help="round kept channels up to a multiple of this at removal")),
+        "compact": (_TRAINING, dict(action=argparse.BooleanOptionalAction,
+                                    help="cut removed filters out of the training network at the end of "
+                                         "each attenuation and recovery epoch (default; the same run up to "
+                                         "rounding): --no-compact keeps the shapes static")),
         "model": (_TRAINING, dict(choices=available_models(),
                                   help="the network (default: VGG of --depth); b: ResNet shortcut "
                                        "option B (1x1 conv), else option A (zero padding)")),

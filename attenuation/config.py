@@ -41,6 +41,10 @@ class RunConfig:
     depth: int = 16
     width: float = 0.25
     round_to: int = 1
+    # cut the removed filters out of the training network at the end of every attenuation and
+    # recovery epoch that removed some (Pruner.compact): the same run up to rounding, cheaper epochs;
+    # False keeps the shapes static (for CUDA graphs or torch.compile)
+    compact: bool = True
     # the schedule: epochs per phase
     epochs: dict = field(default_factory=lambda: {"baseline": 8, "attenuation": 4, "recovery": 2,
                                                   "finetune": 2})
@@ -198,8 +202,8 @@ def preset_config(preset: str = "quick", **overrides) -> RunConfig:
 # belongs here; tests/test_baseline.py checks that runs differing in these share a baseline.
 AFTER_BASELINE_FIELDS = ("preset", "method", "criterion", "ratio", "scope", "ramp", "factor", "eps",
                          "interval", "reversible", "unattenuated_scores", "return_margin",
-                         "return_after", "group_reduce", "attenuate", "round_to", "lr_pruning_fraction",
-                         "lr_finetune_fraction", "out")
+                         "return_after", "group_reduce", "attenuate", "round_to", "compact",
+                         "lr_pruning_fraction", "lr_finetune_fraction", "out")
 
 
 def baseline_key(config: RunConfig | dict) -> dict:

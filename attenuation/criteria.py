@@ -20,9 +20,15 @@ class CriterionContext:
     removed: Tensor                 # flat bool over their filters, the filters removed so far
     generator: torch.Generator      # CPU generator owned (and checkpointed) by the pruner
     backend: Optional[str] = None
-    # Per layer, the weights a weight criterion scores: the convs' own, or with the pruner's
-    # attenuate="gamma" the convs with their BatchNorms folded in (None: the convs' own).
+    # Per layer, the weights a weight criterion scores (None: the convs' own): the pruner gives
+    # them with the columns that read removed channels zeroed, and with attenuate="gamma" the
+    # BatchNorms folded in.
     weights: Optional[Sequence[Tensor]] = None
+    # After Pruner.compact: per filter, its index among the filters of the model the pruner was
+    # built on (host int64; None: the same filters), and how many that model has. A criterion that
+    # draws per filter draws for all of those and takes the survivors', as without compaction.
+    original_filters: Optional[Tensor] = None
+    n_original_filters: Optional[int] = None
 
     def scored_weights(self) -> Sequence[Tensor]:
         return self.weights if self.weights is not None else [layer.conv.weight for layer in self.layers]
@@ -137,4 +143,8 @@ def bn_taylor(ctx: CriterionContext) -> Tensor:
 @register_criterion("random")
 def random_scores(ctx: CriterionContext) -> Tensor:
     """A control: uniformly random importance."""
-    return to_device(torch.rand(ctx.removed.numel(), generator=ctx.generator), ctx.removed.device)
+    n = ctx.removed.numel() if ctx.n_original_filters is None else ctx.n_original_filters
+    drawn = torch.rand(n, generator=ctx.generator)
+    if ctx.original_filters is not None:
+        drawn = drawn[ctx.original_filters]
+    return to_device(drawn, ctx.removed.device)

@@ -2,9 +2,11 @@
 pruning (one-shot or iterative) and Soft Filter Pruning as special cases ("Special cases")."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -13,11 +15,13 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import ops
+from .compaction import FATES, OriginalNumbering, kept_back, new_fates
 from .criteria import NEEDS_AFFINE_BN, CriterionContext, get_criterion, require_affine_bn, scales_with_filter
 from .layers import GroupMember, ModelGroups, find_groups
 from .layout import GROUP_REDUCTIONS, ChannelLayout
 from .modules import convert_model
 from .schedule import check_ramp, ramp_ratio, weak_count
+from .surgery import remove_filters
 from .transfer import HostCopy, to_device
 
 SCOPES = ("layer", "global")
@@ -176,6 +180,14 @@ def _upgrade_config(config):
     return config
 
 
+@contextlib.contextmanager
+def _known_unprunable():
+    """Silence find_groups' warning about unprunable convs: it was given when the pruner was built."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="attenuation: .* convs are left unprunable")
+        yield
+
+
 def _check_interval(interval) -> None:
     if isinstance(interval, str):
         if interval != "epoch":
@@ -195,11 +207,16 @@ class Pruner:
     every optimizer step (also during recovery: it keeps removed filters at zero), and
     ``pruner.finish()`` at the end of the phase, which removes the channels still weak.
 
-    The per-unit state (``status``, ``multiplier``, ``steps_weak``, ``returns``, ``removed_at``,
-    ``history``) is per group channel, group after group (``counts``: the groups' sizes,
-    ``offsets``: where each starts). ``layers`` are the member convs (module order, as
+    The per-unit state (``status``, ``multiplier``, ``steps_weak``, ``returns``, ``removed_at``)
+    is per group channel of the model pruned, group after group (``layout.counts``: the groups'
+    sizes). ``layers`` are its member convs (module order, as
     :func:`~attenuation.layers.find_groups` lists them); the ops work on their filters, which
     always share their group channel's status and multiplier.
+
+    :meth:`compact` cuts the removed channels out of the model while it trains. The results
+    (``counts`` and ``offsets``, ``n_removed``, :meth:`live_fraction`, :meth:`keep_masks`,
+    :meth:`fates`, :meth:`status_history`, ``history``) are always in the numbering of the model
+    the pruner was built on (``original``), removed channels included.
 
     ``step()`` reads nothing from the device: an attenuation step starts a copy of the status to
     the host, and its live masks reach the convs at the next ``step()`` (see :meth:`sync_live`).
@@ -211,28 +228,23 @@ class Pruner:
                  ignored_layers: Sequence[str] = (), backend: Optional[str] = None, seed: int = 0):
         self.config = (config or PruningConfig()).validate()
         self.backend = backend
+        self.ignored_layers = tuple(ignored_layers)
         convert_model(model, backend)
-        self.groups: ModelGroups = find_groups(model, ignored_layers)
-        if not self.groups.members:
+        groups = find_groups(model, self.ignored_layers)
+        if not groups.members:
             raise ValueError(f"{type(model).__name__} has no conv to prune; left out: "
-                             f"{', '.join(self.groups.unprunable) or 'none'}")
-        self.layers: list[GroupMember] = self.groups.members
-        if self.config.criterion in NEEDS_AFFINE_BN:  # fail now, not at the first step
-            require_affine_bn(self.layers, self.config.criterion)
-        if self.config.attenuate == "gamma":
-            _require_affine_or_no_bn(self.layers)
+                             f"{', '.join(groups.unprunable) or 'none'}")
+        self._attach(groups)
         device = self.layers[0].conv.weight.device
-        self.layout = ChannelLayout(self.groups, device)
-        self.counts, self.offsets = self.layout.counts, self.layout.offsets
+        self.original = OriginalNumbering.of(self.layout, device)
         total = self.layout.n_channels
         self.status = torch.zeros(total, dtype=torch.uint8, device=device)
         self.multiplier = torch.ones(total, dtype=torch.float32, device=device)
         # the same per member filter: what the ops read and write
         self._filter_status = self.layout.expand(self.status)
         self._filter_multiplier = self.layout.expand(self.multiplier)
-        self.steps_weak = torch.zeros(total, dtype=torch.int32, device=device)
-        self.returns = torch.zeros(total, dtype=torch.int32, device=device)
-        self.removed_at = torch.full((total,), -1, dtype=torch.int64, device=device)
+        for key, fates in new_fates(total, device).items():  # steps_weak, returns, removed_at
+            setattr(self, key, fates)
         # consecutive attenuation steps a weak channel has been left out by the selection (hysteresis)
         self.steps_left_out = torch.zeros(total, dtype=torch.int32, device=device)
         self.generator = torch.Generator().manual_seed(seed)
@@ -249,16 +261,41 @@ class Pruner:
         self._removals_possible = False
         self._pending_status: Optional[HostCopy] = None  # status copy of the last _apply, on its way
         self._removed_for_convs: Optional[Tensor] = None  # taken in, not yet given to the convs
+        self._hooks = self._register_hooks()
+
+    def _attach(self, groups: ModelGroups) -> None:
+        """Work on the channel groups of a model: its member convs and the layout over them."""
+        if self.config.criterion in NEEDS_AFFINE_BN:  # fail now, not at the first step
+            require_affine_bn(groups.members, self.config.criterion)
+        if self.config.attenuate == "gamma":
+            _require_affine_or_no_bn(groups.members)
+        self.groups: ModelGroups = groups
+        self.layers: list[GroupMember] = groups.members
+        device = groups.members[0].conv.weight.device
+        self.layout = ChannelLayout(groups, device)
+        # per member conv (layout.convs lists the members first), the group channel of each of its
+        # input channels (n_channels: outside the groups), for the scores (_dead_inputs)
+        self._member_inputs = [None if entry.in_channels is None or layer.conv.groups != 1
+                               else entry.in_channels.to(device)
+                               for layer, entry in zip(self.layers, self.layout.convs)]
         # Per conv of layout.convs, the removed counts (among its output, its input channels) its
         # live masks were set for: removal is permanent, so equal counts mean equal masks and the
         # conv is left alone.
         self._live_set_for: list = [None] * len(self.layout.convs)
-        self._hooks = self._register_gradient_masks() if self.config.mask_gradients else []
         if self.config.attenuate == "output":
-            self._hooks += self._register_output_masks()
             # attenuate_ scales rows of the per-member tensors it is given: in output mode these
             # scratch rows, never read (the multiplier itself is the mask)
             self._scratch_rows = [torch.ones(layer.n_filters, 1, device=device) for layer in self.layers]
+
+    @property
+    def counts(self) -> list[int]:
+        """Per group, its channels in the model the pruner was built on (before any compaction)."""
+        return self.original.counts
+
+    @property
+    def offsets(self) -> list[int]:
+        """Where each group's channels start in the results' vectors (``counts`` accumulated)."""
+        return self.original.offsets
 
     # ------------------------------------------------------------------ the phase
     def start(self, total_steps: int, steps_per_epoch: Optional[int] = None) -> None:
@@ -313,15 +350,18 @@ class Pruner:
         if self.config.divides_weak_scores:
             attenuated = (self.status == ops.WEAK) & (self.multiplier > 0)
             scores = torch.where(attenuated, scores / self.multiplier.clamp_min(1e-30), scores)
-        ratio = self.ratio_now()
+        ratio, counts = self.ratio_now(), self.layout.counts
+        # The weak set's size is floor(p n) of the original n; the removed channels are its first
+        # members, so those that compaction cut out leave their places taken.
         if self.config.scope == "global":
-            weak = ops.select_weak_global(scores, removed, self.counts, weak_count(ratio, scores.numel()),
-                                          backend=self.backend)
-            ks = torch.stack([w.sum() for w in weak.split(self.counts)]) if self.config.hysteresis else None
+            n_weak = weak_count(ratio, self.original.n_channels) - self.original.n_cut
+            weak = ops.select_weak_global(scores, removed, counts, n_weak, backend=self.backend)
+            ks = torch.stack([w.sum() for w in weak.split(counts)]) if self.config.hysteresis else None
         else:
+            ks = [weak_count(ratio, n) - (n - now) for n, now in zip(self.counts, counts)]
             # uploaded as a tensor: select_weak would upload a list with a stream synchronisation
-            ks = to_device(torch.tensor([weak_count(ratio, n) for n in self.counts]), scores.device)
-            weak = ops.select_weak(scores, removed, self.counts, ks, backend=self.backend)
+            ks = to_device(torch.tensor(ks), scores.device)
+            weak = ops.select_weak(scores, removed, counts, ks, backend=self.backend)
         if self.config.hysteresis:
             weak = self._hold_returns(scores, removed, weak, ks)
         self._apply(weak, self.config.factor, self.config.eps)
@@ -331,7 +371,8 @@ class Pruner:
         """Per group channel, the criterion's scores of its member filters reduced by
         ``group_reduce`` (float32; not yet divided by the multiplier)."""
         context = CriterionContext(self.layers, self._filter_status == ops.REMOVED, self.generator,
-                                   self.backend, self._folded_weights())
+                                   self.backend, self._scored_weights(), self.original.filter_index,
+                                   self.original.filter_channel.numel())
         filter_scores = get_criterion(self.config.criterion)(context).float()
         return self.layout.aggregate(filter_scores, self.config.group_reduce)
 
@@ -341,20 +382,20 @@ class Pruner:
         selected live score) by ``return_margin`` (relative to the threshold's magnitude) and it
         has been left out ``return_after`` consecutive steps. Each group's k lowest channels are
         then weak, ordered removed first, then held, then the rest, each by ascending score."""
+        counts = self.layout.counts
         left_out = (self.status == ops.WEAK) & ~selected
         self.steps_left_out = torch.where(left_out, self.steps_left_out + 1, 0)
         held = left_out & (self.steps_left_out < self.config.return_after)
         if self.config.return_margin > 0.0:
             live_selected = torch.where(selected & ~removed, scores, -math.inf)
-            threshold = torch.cat([part.amax().expand(n) for part, n in
-                                   zip(live_selected.split(self.counts), self.counts)])
+            threshold = torch.cat([part.amax().expand(n) for part, n in zip(live_selected.split(counts), counts)])
             # no live channel selected (threshold -inf): no place to hold one in, all may return
             margin = torch.where(threshold > -math.inf, self.config.return_margin * threshold.abs(), 0.0)
             held |= left_out & ~(scores > threshold + margin)
         # removed and held first, removed (-inf) before held (clamped above -inf); ties by index
         first = torch.where(removed, -math.inf, torch.where(held, scores.clamp_min(torch.finfo(scores.dtype).min),
                                                              scores))
-        weak = ops.select_weak(first, removed | held, self.counts, ks, backend=self.backend)
+        weak = ops.select_weak(first, removed | held, counts, ks, backend=self.backend)
         self.steps_left_out = torch.where(weak, self.steps_left_out, 0)
         return weak
 
@@ -381,7 +422,7 @@ class Pruner:
         self.multiplier.copy_(self.layout.of_channels(self._filter_multiplier))
         self.returns += self.layout.of_channels(returned).int()
         self.removed_at = torch.where(self.layout.of_channels(newly_removed), self.steps_done, self.removed_at)
-        self.history.append(self.status.clone())
+        self.history.append(self.original.to_original(self.status, ops.REMOVED))
         self.history_steps.append(self.steps_done)
         self._removals_possible = True
         self._pending_status = HostCopy(self.status)
@@ -405,19 +446,33 @@ class Pruner:
         target_biases = [b if g is None else None for b, g in zip(biases, gammas)]
         return (targets, target_biases, none, none), {}
 
-    def _folded_weights(self) -> Optional[list[Tensor]]:
-        """With ``attenuate="gamma"`` the weights the criteria score: each conv's weights with its
-        BatchNorm folded in (row f times gamma_f / sqrt(running_var_f + eps), the conv that eval
-        mode computes), so that a zeroed gamma scores as a zero filter. None otherwise: the convs'
-        own weights are scored."""
-        if self.config.attenuate != "gamma":
+    def _scored_weights(self) -> Optional[list[Tensor]]:
+        """The weights the weight criteria (l1, l2, fpgm) score, per member conv; None: the convs'
+        own. A conv's weights that read removed channels are zeros here: they multiply zeros and
+        are no part of a live filter (physical removal, and compaction, cut them out; docs/METHOD.md,
+        "The rule"). With ``attenuate="gamma"`` each conv's BatchNorm is folded in (row f times
+        gamma_f / sqrt(running_var_f + eps), the conv that eval mode computes), so that a zeroed
+        gamma scores as a zero filter."""
+        fold = self.config.attenuate == "gamma"
+        dead = self._dead_inputs()
+        if not fold and all(d is None for d in dead):
             return None
-        folded = []
-        for layer in self.layers:
-            w = layer.conv.weight
-            gain = None if layer.bn is None else _bn_gain(layer.bn).view(-1, *[1] * (w.dim() - 1))
-            folded.append(w if gain is None else w.detach() * gain)
-        return folded
+        scored = []
+        for layer, dead_in in zip(self.layers, dead):
+            w = layer.conv.weight.detach()
+            if fold and layer.bn is not None:
+                w = w * _bn_gain(layer.bn).view(-1, *[1] * (w.dim() - 1))
+            scored.append(w if dead_in is None else w.masked_fill(dead_in.view(1, -1, *[1] * (w.dim() - 2)), 0))
+        return scored
+
+    def _dead_inputs(self) -> list[Optional[Tensor]]:
+        """Per member conv, which of its input channels are removed (device bool; None where none
+        can be: no removal yet, or an input outside the groups, or a depthwise conv, whose one
+        input channel per filter is its own)."""
+        if not self._removals_possible:
+            return [None] * len(self.layers)
+        removed = torch.cat([self.status == ops.REMOVED, self.status.new_zeros(1, dtype=torch.bool)])
+        return [None if index is None else removed[index] for index in self._member_inputs]
 
     # ------------------------------------------------------------------ wiring to the model
     def _filter_tensors(self):
@@ -461,6 +516,13 @@ class Pruner:
             entry.conv.set_live(~dead_out if counts[0] else None, ~dead_in if counts[1] else None)
             self._live_set_for[i] = counts
 
+    def _register_hooks(self) -> list:
+        """The gradient masks (``mask_gradients``) and, with attenuate="output", the output masks."""
+        hooks = self._register_gradient_masks() if self.config.mask_gradients else []
+        if self.config.attenuate == "output":
+            hooks += self._register_output_masks()
+        return hooks
+
     def _register_gradient_masks(self):
         handles = []
         offsets = self.layout.filter_offsets
@@ -503,10 +565,83 @@ class Pruner:
             handle.remove()
         self._hooks = []
 
+    # ------------------------------------------------------------------ compaction
+    def compact(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                round_to: int = 1) -> nn.Module:
+        """Cut the removed channels out of ``model`` (the model this pruner prunes, as the last
+        ``compact`` returned it) and return the smaller model to train on: the copy of
+        :func:`attenuation.surgery.remove_filters` with every conv an AttenuatedConv2d again,
+        ``optimizer``'s parameters and per-element state (momentum) switched to it. ``model``
+        keeps its tensors; the pruner works on the returned model from now on, and its results
+        stay in the original numbering (docs/ARCHITECTURE.md, "Compaction"). Returns ``model``
+        itself when nothing is to be cut.
+
+        Removed filters are zero and never return, so the smaller model computes what ``model``
+        computes and the rule goes on as it would have: training is the same up to rounding.
+        ``round_to``: that of the final ``remove_filters``; the removed channels it may keep back
+        stay in (masked), so that the final network is the same as without compaction.
+        It reads the status on the host (a synchronisation on CUDA) and changes the shapes of the
+        parameters: call it between epochs, and not under CUDA graphs or ``torch.compile``."""
+        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+            raise ValueError(f"round_to must be an int >= 1, got {round_to!r}")
+        held = {id(module) for module in model.modules()}
+        if not all(id(layer.conv) in held for layer in self.layers):
+            raise ValueError("compact() takes the model this pruner prunes (after a compaction, the "
+                             "model that compact() returned)")
+        self.sync_live()  # the last attenuation step's status taken in
+        removed = (self.status == ops.REMOVED).cpu()
+        keep = ~removed | kept_back(removed, self.layout.counts, round_to)
+        if bool(keep.all()):
+            return model
+        masks = list(keep[self.layout.filter_channel_host].split(self.layout.filter_counts))
+        self.remove_hooks()  # first: the copy would take the modules' forward hooks (output masks) along
+        try:
+            with _known_unprunable():
+                smaller = convert_model(remove_filters(model, masks, optimizer, ignored=self.ignored_layers),
+                                        self.backend)
+                groups = find_groups(smaller, self.ignored_layers)
+        except Exception:
+            self._hooks = self._register_hooks()  # model stays the one pruned
+            raise
+        self._renumber(groups, keep, removed[keep])
+        self._hooks = self._register_hooks()
+        return smaller
+
+    def _renumber(self, groups: ModelGroups, keep: Tensor, removed: Tensor) -> None:
+        """Work on the compacted model's ``groups``, keeping the state of the ``keep`` channels
+        (host bool over the channels before); ``removed``: those of them removed (kept back)."""
+        before, names = self.layout, [layer.name for layer in self.layers]
+        self._attach(groups)
+        # the compacted model's channels are the kept ones in their order (surgery cuts each group
+        # channel out of every member, find_groups numbers channels by first appearance)
+        rank = keep.long().cumsum(0) - 1
+        expected = rank[before.filter_channel_host[keep[before.filter_channel_host]]]
+        if [layer.name for layer in self.layers] != names or not torch.equal(self.layout.filter_channel_host,
+                                                                               expected):
+            raise RuntimeError("compaction changed the channel groups beyond the channels it cut: "
+                               "the pruner's state cannot follow them")
+        self.original.cut(keep.to(self.status.device), {key: getattr(self, key) for key in FATES})
+        index = keep.nonzero().flatten().to(self.status.device)
+        for key in ("status", "multiplier", "steps_left_out", *FATES):
+            setattr(self, key, getattr(self, key)[index])
+        self._filter_status = self.layout.expand(self.status)
+        self._filter_multiplier = self.layout.expand(self.multiplier)
+        self._n_removed = int(removed.sum())
+        self._removals_possible = self._n_removed > 0
+        self._removed_for_convs = removed
+        self.sync_live()  # the kept-back removed channels' masks
+
     # ------------------------------------------------------------------ results
     def keep_masks(self) -> list[Tensor]:
-        """Per member conv (``layers``, the order of ``find_groups(model).members``), True for the
-        filters not removed: the input to :func:`attenuation.surgery.remove_filters`."""
+        """Per member conv of the model the pruner was built on (``find_groups(model).members``,
+        module order), True for the filters not removed: the input to
+        :func:`attenuation.surgery.remove_filters` for that model. After :meth:`compact` the model
+        trained is smaller: :meth:`model_keep_masks` are its masks."""
+        removed = self.original.to_original(self.status == ops.REMOVED, True)
+        return list((~removed[self.original.filter_channel]).split(self.original.filter_counts))
+
+    def model_keep_masks(self) -> list[Tensor]:
+        """:meth:`keep_masks` for the model as it is now, compacted or not (per member of ``layers``)."""
         return list((self._filter_status != ops.REMOVED).split(self.layout.filter_counts))
 
     @property
@@ -514,11 +649,11 @@ class Pruner:
         """The number of removed group channels, as of the last attenuation step (waits for its
         status copy; the convs' masks are left to the next step, so reading never changes training)."""
         self._take_in_status()
-        return self._n_removed
+        return self._n_removed + self.original.n_cut
 
     def live_fraction(self) -> float:
         """Live group channels over all group channels, as of the last attenuation step."""
-        return 1.0 - self.n_removed / self.layout.n_channels
+        return 1.0 - self.n_removed / self.original.n_channels
 
     def live_masks(self) -> list[tuple[Tensor, Optional[Tensor]]]:
         """Per member conv, its (live_out, live_in) masks (live_in None: every input channel),
@@ -527,7 +662,7 @@ class Pruner:
         return [(layer.conv.live_out, layer.conv.live_in) for layer in self.layers]
 
     def total_returns(self) -> int:
-        return int(self.returns.sum())
+        return int(self._original_fates()["returns"].sum())
 
     def group_names(self) -> list[str]:
         """Per group, its name: its first member's."""
@@ -535,12 +670,15 @@ class Pruner:
 
     def fates(self) -> list[dict]:
         """Per group: each channel's steps weak, returns and the step it was removed at (-1: kept)."""
+        fates = self._original_fates()
         out = []
         for i, name in enumerate(self.group_names()):
             s = slice(self.offsets[i], self.offsets[i + 1])
-            out.append({"name": name, "steps_weak": self.steps_weak[s].tolist(),
-                        "returns": self.returns[s].tolist(), "removed_at": self.removed_at[s].tolist()})
+            out.append({"name": name, **{key: values[s].tolist() for key, values in fates.items()}})
         return out
+
+    def _original_fates(self) -> dict[str, Tensor]:
+        return self.original.fates({key: getattr(self, key) for key in FATES})
 
     def status_history(self) -> dict[str, Tensor]:
         """Per group name, a (steps, channels) uint8 matrix of statuses after each attenuation step."""
@@ -557,8 +695,9 @@ class Pruner:
         return {
             "config": dataclasses.asdict(self.config),
             "layer_names": [layer.name for layer in self.layers],
-            "counts": list(self.counts),
+            "counts": list(self.layout.counts),
             "filter_channels": self.layout.filter_channel_host.clone(),
+            "original": self.original.state_dict() if self.original.n_cut else None,
             "status": self.status.clone(), "multiplier": self.multiplier.clone(),
             "steps_weak": self.steps_weak.clone(), "returns": self.returns.clone(),
             "removed_at": self.removed_at.clone(), "steps_left_out": self.steps_left_out.clone(),
@@ -576,6 +715,9 @@ class Pruner:
             raise ValueError(f"pruner state is from another configuration: {saved_config} "
                              f"!= {dataclasses.asdict(self.config)}")
         device = self.status.device
+        original = state.get("original")  # None: never compacted (or saved before compaction existed)
+        self.original = (OriginalNumbering.of(self.layout, device) if original is None
+                         else OriginalNumbering.from_state(original, self.layout, device))
         for key in ("status", "multiplier", "steps_weak", "returns", "removed_at"):
             getattr(self, key).copy_(state[key].to(device))
         self._filter_status.copy_(self.layout.expand(self.status))
@@ -587,6 +729,9 @@ class Pruner:
         self.steps_done, self.total_steps = state["steps_done"], state["total_steps"]
         self.interval, self.phase = state["interval"], state["phase"]
         history = state["history"]
+        if history is not None and history.shape[1] != self.original.n_channels:
+            raise ValueError(f"pruner state's status history has {history.shape[1]} channels, its model "
+                             f"{self.original.n_channels}")
         self.history = [] if history is None else [row.to(device) for row in history]
         self.history_steps = list(state["history_steps"])
         self._live_set_for = [None] * len(self.layout.convs)  # a loaded status may differ in any way
@@ -597,14 +742,14 @@ class Pruner:
         """The state's member convs, group sizes and filter-to-channel map must be this model's. A
         state saved before channel groups has no map: it was one group per conv, each filter its
         own channel, and fits only a model whose groups are that."""
-        names = [layer.name for layer in self.layers]
-        if state.get("layer_names") != names or state.get("counts") != self.counts:
-            raise ValueError("pruner state is from another model: its layers "
-                             f"{state.get('layer_names')} / {state.get('counts')} do not match "
-                             f"{names} / {self.counts}")
+        names, counts = [layer.name for layer in self.layers], self.layout.counts
+        if state.get("layer_names") != names or state.get("counts") != counts:
+            raise ValueError("pruner state is from another model (or the model compacted otherwise): "
+                             f"its layers {state.get('layer_names')} / {state.get('counts')} do not "
+                             f"match {names} / {counts}")
         saved = state.get("filter_channels")
         mine = self.layout.filter_channel_host
-        if saved is None and not (self.counts == self.layout.filter_counts
+        if saved is None and not (counts == self.layout.filter_counts
                                   and torch.equal(mine, torch.arange(mine.numel()))):
             raise ValueError("pruner state is from before channel groups (one group per conv), but "
                              "this model's convs share channels: it cannot be read")

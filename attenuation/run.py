@@ -79,8 +79,7 @@ class Run:
         self.val_loader = None if data.x_val is None else DeviceLoader(
             data.x_val, data.y_val, 500, self.device, train=False, channels_last=self.channels_last)
         self.model: nn.Module = self._to_device(create_model(config.model_name, config.width))
-        self.pruner: Optional[Pruner] = Pruner(self.model, config.pruning_config(),
-                                               backend=config.backend, seed=config.seed)
+        self.pruner: Optional[Pruner] = self._make_pruner()
         self.optimizer = self._make_optimizer()
         self.state = {"phase_index": 0, "epoch_in_phase": 0, "global_epoch": 0, "wall_seconds": 0.0,
                       "metrics": [], "phases": [], "record": None}
@@ -121,16 +120,21 @@ class Run:
         model = model.to(self.device)
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
+    def _make_pruner(self) -> Pruner:
+        c = self.config
+        return Pruner(self.model, c.pruning_config(), backend=c.backend, seed=c.seed)
+
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
         return torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum, nesterov=True,
                                weight_decay=c.weight_decay)
 
     def _checkpoint(self, name: str = "checkpoint.pt") -> None:
+        # the architecture of a removed or compacted model (any other is rebuilt from the config)
+        cut = self.pruner is None or self.pruner.original.n_cut > 0
         save_checkpoint({
             "config": self.config.to_dict(), "state": self.state,
-            # the architecture of a removed model (an unremoved one is rebuilt from the config)
-            "removed": self.pruner is None, "model_spec": pruned_architecture(self.model) if self.pruner is None else None,
+            "removed": self.pruner is None, "model_spec": pruned_architecture(self.model) if cut else None,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "pruner": self.pruner.state_dict() if self.pruner is not None else None,
             "loader": self.train_loader.state_dict(), "torch_rng": torch.get_rng_state(),
@@ -170,11 +174,11 @@ class Run:
 
     def _load_training_state(self, saved: dict) -> None:
         """Model, pruner (when saved), optimizer, loader, RNG and loop state from a checkpoint."""
-        if saved["removed"]:
+        spec = saved["model_spec"]  # a VGG's own spec in checkpoints older than pruned_architecture
+        if spec is not None:  # the model was removed, or compacted
             self.pruner.remove_hooks()
-            self.pruner = None
-            spec = saved["model_spec"]  # a VGG's own spec in checkpoints older than pruned_architecture
             self.model = self._to_device(build_model(spec) if "arch" in spec else build_pruned(spec))
+            self.pruner = None if saved["removed"] else self._make_pruner()
             self.optimizer = self._make_optimizer()
         self.model.load_state_dict(saved["model"])
         if self.pruner is not None and saved["pruner"] is not None:
@@ -230,6 +234,7 @@ class Run:
         self._check_finite(result.loss, f"the {phase} phase, epoch {epoch + 1}/{n_epochs}")
         if pruner is not None:
             pruner.live_masks()  # the convs' masks of the epoch's last attenuation step, for the MAC count below
+            self._compact()
         # with a validation split every epoch is measured on it, and the test set only at phase ends
         held_out = "test" if self.val_loader is None else "val"
         held_out_loss, held_out_acc = evaluate(self.model, self.test_loader if self.val_loader is None
@@ -241,7 +246,7 @@ class Run:
                f"{held_out}_acc": held_out_acc, "live_fraction": self._live_fraction(),
                "lr": schedule.at(phase, (epoch + 1) * steps - 1, total),
                "seconds": result.seconds, "images_per_second": result.images / result.seconds,
-               "pruning_seconds": result.pruning_seconds, "macs": count_macs(self.model, live_only=True)}
+               "pruning_seconds": result.pruning_seconds, "macs": self._network_cost()[1]}
         self.state["metrics"].append(row)
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -271,9 +276,33 @@ class Run:
         record = self.state["record"]
         return 1.0 - record["removed_filters"] / record["filters"]
 
+    def _compact(self) -> None:
+        """Cut the filters removed since the last compaction out of the training network (the
+        ``compact`` option): the same training up to rounding, on a smaller network."""
+        if self.config.compact:
+            model = self.pruner.compact(self.model, self.optimizer, round_to=self.config.round_to)
+            if model is not self.model:
+                self.model = self._to_device(model)
+
+    def _network_cost(self) -> tuple[int, int]:
+        """Parameters and live MACs of the training network as a run without compaction counts
+        them: before removal the masked network of the model built, whose removed filters are
+        still parameters and whose classifier still reads every channel (count_macs counts Linear
+        layers in full); after removal the removed network."""
+        params, macs = count_parameters(self.model), count_macs(self.model, live_only=True)
+        if self.pruner is None or not self.pruner.original.n_cut:
+            return params, macs
+        with torch.device("meta"):
+            built = create_model(self.config.model_name, self.config.width)
+        now = dict(self.model.named_modules())
+        reads_cut = sum((m.in_features - now[name].in_features) * m.out_features
+                        for name, m in built.named_modules() if isinstance(m, nn.Linear))
+        return count_parameters(built), macs + reads_cut
+
     def _end_phase(self, phase: str) -> None:
         if phase == "attenuation":
             self.pruner.finish()
+            self._compact()
         self._record_phase(phase)
         if phase == "recovery":
             self._remove_filters()
@@ -289,7 +318,7 @@ class Run:
             "history_steps": list(pruner.history_steps), "returns": pruner.total_returns(),
             "removed_filters": pruner.n_removed, "filters": sum(pruner.counts)}
         pruner.remove_hooks()
-        self.model = self._to_device(remove_filters(self.model, pruner.keep_masks(), self.optimizer,
+        self.model = self._to_device(remove_filters(self.model, pruner.model_keep_masks(), self.optimizer,
                                                     round_to=self.config.round_to))
         self.pruner = None
 
@@ -301,11 +330,10 @@ class Run:
                                       device=self.device, channels_last=self.channels_last,
                                       autocast_dtype=torch.bfloat16 if self.device.type == "cuda" else None)
         seconds = sum(row["seconds"] for row in self.state["metrics"] if row["phase"] == phase)
+        params, macs = self._network_cost()
         self.state["phases"].append({
-            "phase": phase, "accuracy": accuracy, "val_accuracy": val_accuracy,
-            "params": count_parameters(self.model),
-            "macs": count_macs(self.model, live_only=True), "latency_ms": latency["median_ms"],
-            "seconds": seconds})
+            "phase": phase, "accuracy": accuracy, "val_accuracy": val_accuracy, "params": params,
+            "macs": macs, "latency_ms": latency["median_ms"], "seconds": seconds})
 
     # ------------------------------------------------------------------ outputs
     def _write_outputs(self) -> dict:
@@ -339,7 +367,10 @@ class Run:
             notes=[f"ops backend: {self.backend}",
                    f"{record['removed_filters']} of {record['filters']} filters removed, "
                    f"{record['returns']} returns; latency is the median forward time at batch "
-                   f"{c.latency_batch}; the pruned rows before removal use the masked convolution."])
+                   f"{c.latency_batch}; the pruned rows before removal count the masked network's "
+                   "parameters and MACs and time the network trained: "
+                   + ("compacted at every epoch's end (--compact)." if c.compact
+                      else "the masked convolution (--no-compact).")])
         return summary
 
 

@@ -320,24 +320,22 @@ def _move_state(value, old: nn.Parameter, slicer: _Slicer):
 
 def pruned_architecture(model: nn.Module) -> dict:
     """What rebuilds the architecture of `model` (made by ``attenuation.models.create_model``, or
-    cut from such a model by `remove_filters`) without its code: ``{"spec": model_spec(model),
-    "channels": {conv name: output channels}}``. See `build_pruned`."""
+    cut from such a model by `remove_filters`, also while it trains: a compacted model whose convs
+    are AttenuatedConv2d) without its code: ``{"spec": model_spec(model), "channels": {conv name:
+    output channels}}``. See `build_pruned`."""
     spec = model_spec(model)
     if spec is None:
         raise TypeError(f"{type(model).__name__} was not made by attenuation.models.create_model "
                         f"(nor cut from such a model): nothing says how to rebuild it")
-    masked = [name for name, m in model.named_modules() if isinstance(m, AttenuatedConv2d)]
-    if masked:
-        raise TypeError(f"{type(model).__name__} still has AttenuatedConv2d layers "
-                        f"({', '.join(masked[:3])}{', ...' if len(masked) > 3 else ''}): store "
-                        f"the network remove_filters returns")
     return {"spec": spec, "channels": {name: m.out_channels for name, m in model.named_modules()
                                        if isinstance(m, nn.Conv2d)}}
 
 
 def build_pruned(architecture: dict) -> nn.Module:
     """The fresh (untrained) model that `pruned_architecture` describes: the registry's model cut,
-    in each channel group, to its first channels, as many as the saved counts of its convs."""
+    in each channel group, to its first channels, as many as the saved counts of its convs. Its
+    convs are plain ``nn.Conv2d``: ``convert_model`` (or a Pruner) makes a compacted training
+    model's masked convs of them again."""
     channels = architecture.get("channels") if isinstance(architecture, dict) else None
     if not (isinstance(channels, dict) and set(architecture) == {"spec", "channels"}
             and all(type(n) is int and n > 0 for n in channels.values())):
@@ -360,7 +358,13 @@ def build_pruned(architecture: dict) -> nn.Module:
 
 def save_pruned(model: nn.Module, path: str | os.PathLike) -> None:
     """Save `model` (see `pruned_architecture`) so that `load_pruned` rebuilds it without the
-    original network or its class. The file is replaced atomically."""
+    original network or its class. The file is replaced atomically. A network with masked convs
+    (AttenuatedConv2d) is refused: its dead channels would be stored as if they were kept."""
+    masked = [name for name, m in model.named_modules() if isinstance(m, AttenuatedConv2d)]
+    if masked:
+        raise TypeError(f"{type(model).__name__} still has AttenuatedConv2d layers "
+                        f"({', '.join(masked[:3])}{', ...' if len(masked) > 3 else ''}): store "
+                        f"the network remove_filters returns")
     checkpoint = {"format": PRUNED_FORMAT, **pruned_architecture(model),
                   "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     atomic_torch_save(checkpoint, path)

@@ -134,7 +134,7 @@ def headlines(results: dict) -> list[str]:
         for row in overhead["pruned"]:
             if "error" in row:
                 continue
-            lines.append(f"{row['ratio']:.0%} of filters removed, {row['backend']} backend: "
+            lines.append(f"{row['ratio']:.0%} of filters removed, {_training_path(row)}: "
                          f"{_signed_pct(row['over_ideal'])} against the physically removed network "
                          f"({_ms(row['ours_ms'])} ms against {_ms(row['ideal_ms'])} ms; "
                          f"target at most +15%).")
@@ -241,11 +241,20 @@ def _overhead(results: dict) -> list[str]:
                     _signed_pct(r["over_ideal"]), "+15%", _met(r["met"])] if "error" not in r
                    else [f"failed: {r['error'][:120]}", f"physically removed {_ms(r['ideal_ms'])}",
                          "", "+15%", ""])
-        rows.append([f"{r['ratio']:.0%} removed", r["backend"], *outcome])
+        rows.append([f"{r['ratio']:.0%} removed", _training_path(r), *outcome])
+    compactions = [f"{_ms(r['compaction_ms'])} ms at {r['ratio']:.0%}" for r in o["pruned"] if "compaction_ms" in r]
     return [f"{o['model']}, batch {o['batch']}, one SGD step (forward, backward, update, pruner "
-            f"step), median of interleaved repetitions.",
-            "", *markdown_table(["network", "backend", "ours (ms)", "against (ms)", "difference",
+            f"step), median of interleaved repetitions; masked: the removed filters still in the "
+            f"network, compacted: cut out by Pruner.compact"
+            + (f" (one compaction: {', '.join(compactions)} removed)." if compactions else "."),
+            "", *markdown_table(["network", "trained as", "ours (ms)", "against (ms)", "difference",
                              "target", "met"], rows)]
+
+
+def _training_path(row: dict) -> str:
+    """The network a pruned row timed: masked (results before compaction existed are all masked)
+    or compacted, and the ops backend."""
+    return f"{row['backend']} backend, {row.get('path', 'masked')}"
 
 
 def _peers(results: dict) -> list[str]:

@@ -14,6 +14,7 @@ AFTER_BASELINE_SAMPLES = {
     "method": "iterative", "criterion": "fpgm", "ratio": 0.25, "scope": "global", "ramp": "linear",
     "factor": 0.5, "eps": 0.05, "interval": 3, "reversible": True, "unattenuated_scores": True,
     "return_margin": 0.1, "return_after": 3, "group_reduce": "max", "attenuate": "output", "round_to": 4,
+    "compact": False,
     "lr_pruning_fraction": 0.3, "lr_finetune_fraction": 0.2,
 }
 

@@ -16,13 +16,15 @@ from attenuation.config import PHASES, RunConfig, preset_config
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A value for every RunConfig field that differs from every preset's, as typed on the command line.
+# A value for every RunConfig field that differs from every preset's, as typed on the command line
+# (after the field's option; a text starting with "--" is the whole option: a flag that is on by default).
 SAMPLES = {
     "preset": ("paper", "paper"), "method": ("iterative", "iterative"), "criterion": ("fpgm", "fpgm"),
     "ratio": ("0.25", 0.25), "scope": ("global", "global"), "ramp": ("linear", "linear"),
     "factor": ("0.5", 0.5), "eps": ("0.05", 0.05), "interval": ("epoch", "epoch"),
     "reversible": (None, True), "unattenuated_scores": (None, True),
     "return_margin": ("0.1", 0.1), "return_after": ("3", 3), "group_reduce": ("max", "max"), "attenuate": ("output", "output"),
+    "compact": ("--no-compact", False),
     "model": ("resnet20", "resnet20"), "depth": ("13", 13), "width": ("0.5", 0.5), "round_to": ("4", 4),
     "epochs": (None, {"baseline": 3, "attenuation": 2, "recovery": 1, "finetune": 0}),
     "batch_size": ("96", 96), "lr": ("0.05", 0.05), "lr_warmup_fraction": ("0.2", 0.2),
@@ -53,7 +55,8 @@ def test_every_field_has_an_option_that_reaches_the_config(name):
     if name == "epochs":
         argv = [a for phase, n in value.items() for a in (f"--epochs-{phase}", str(n))]
     else:
-        argv = [_option(name)] + ([text] if text is not None else [])
+        argv = [text] if text is not None and text.startswith("--") else \
+            [_option(name)] + ([text] if text is not None else [])
     assert getattr(config_from_args(_parse(*argv)), name) == value
     assert value != getattr(preset_config("quick"), name), f"the sample of {name} proves nothing"
 

@@ -87,6 +87,27 @@ def test_criteria_values():
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("criterion", ["l1", "l2", "fpgm"])
+def test_weight_scores_leave_out_the_columns_that_read_removed_channels(criterion):
+    """Once channels of the first conv are removed, the second conv's filters are scored on the
+    weights that read live channels only (docs/METHOD.md, "The rule"): what physical removal
+    leaves of them, and all that a compacted network still has."""
+    model = _net()
+    pruner = Pruner(model, method_config("iterative", criterion=criterion, ratio=0.5, interval=1))
+    pruner.start(8)
+    _train(model, pruner, 2)
+    dead = pruner.status[:8] == ops.REMOVED
+    assert dead.any()
+    rows = model[4].weight.detach()[:, ~dead].flatten(1)  # the reading columns of the live channels
+    if criterion == "fpgm":
+        live = pruner.status[8:] != ops.REMOVED
+        expected = (torch.cdist(rows, rows) * live.float()).sum(1)
+    else:
+        expected = rows.abs().sum(1) if criterion == "l1" else rows.norm(dim=1)
+    torch.testing.assert_close(pruner.scores()[8:], expected)
+    assert not torch.allclose(model[4].weight.detach()[:, dead], torch.zeros(()))  # there to leave out
+
+
 def test_registered_criterion_is_usable():
     @register_criterion("first_is_weakest")
     def first(ctx):

@@ -14,7 +14,7 @@ from attenuation.models import ResNet, model_spec
 from attenuation.profiling import count_macs
 from attenuation.report import SUMMARY_KEYS
 from attenuation.run import OUTPUTS, Run, TrainingDiverged, run
-from attenuation.surgery import load_pruned
+from attenuation.surgery import load_pruned, pruned_architecture
 from attenuation.train import evaluate
 
 
@@ -218,7 +218,9 @@ def test_a_resnet_trains_and_attenuates(tiny_npz, tmp_path):
     assert the_run.pruner.live_fraction() < 1.0  # the end of the phase removed the weak filters
     assert count_macs(the_run.model, live_only=True) < rows[0]["macs"]
     saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    assert saved["config"]["model"] == "resnet20" and saved["model_spec"] is None
+    # compacted: the checkpoint describes the smaller network it holds
+    assert saved["config"]["model"] == "resnet20" and saved["model_spec"] == pruned_architecture(the_run.model)
+    assert saved["model_spec"]["channels"]["layer1.0.conv1"] < 4
 
 
 @pytest.mark.slow

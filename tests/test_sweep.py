@@ -196,13 +196,14 @@ def test_split_values_converts_and_deduplicates():
 
 def test_a_folder_written_before_a_new_field_keeps_its_trials(tmp_path):
     """A configuration field added by a later version (here: the recorded configurations lack
-    `val_split` and `model`) must not rename a folder's trials, or its sweep could not be resumed."""
+    `val_split`, `model` and `compact`) must not rename a folder's trials, or its sweep could not be
+    resumed."""
     from attenuation.sweep.manifest import MANIFEST_FILE, reconcile
 
     trials = expand({"preset": ["smoke"], "seed": [0, 1]}, tmp_path)
     reconcile(tmp_path, trials, extend=False)
     saved = json.loads((tmp_path / MANIFEST_FILE).read_text())
-    old = {f"old-name-{i}": {k: v for k, v in config.items() if k not in ("val_split", "model")}
+    old = {f"old-name-{i}": {k: v for k, v in config.items() if k not in ("val_split", "model", "compact")}
            for i, config in enumerate(saved["trials"].values())}
     (tmp_path / MANIFEST_FILE).write_text(json.dumps({**saved, "trials": old}))
     again = reconcile(tmp_path, trials, extend=False)  # the same grid: resumed, not refused
