@@ -173,16 +173,22 @@ def test_columns_show_only_varying_options():
     assert sorted(row.seeds for row in rows) == [1, 3]
 
 
-def test_missing_option_is_its_own_cell(tmp_path):
+def test_a_missing_option_reads_as_its_default(tmp_path):
+    """A trial written before a field existed is read with the field's default (the value that
+    keeps what runs did before it): the same cell as a newer trial at that default."""
     with_key = _record(0, _summary(70.0), reversible=True)
+    at_default = _record(1, _summary(72.0), reversible=None)
     config = {k: v for k, v in with_key.config.items() if k != "reversible"}
     without = TrialRecord("old", config, None, "ok", None, _summary(71.0))
-    rows = cells([with_key, without])
+    rows = cells([with_key, without, at_default])
     assert [list(row.options) for row in rows] == [["method", "criterion", "ratio", "reversible"]] * 2
+    assert sorted(row.seeds for row in rows) == [1, 2]
     text = table_markdown(rows)
-    assert "| 0.5 | true | 1 | 0 |" in text and "| 0.5 | (absent) | 1 | 0 |" in text
+    assert "| 0.5 | true | 1 | 0 |" in text and "| 0.5 | — | 2 | 0 |" in text
     with open(write_table_csv(rows, tmp_path / "table.csv"), newline="") as f:
-        assert sorted(line["reversible"] for line in csv.DictReader(f)) == ["(absent)", "true"]
+        assert sorted(line["reversible"] for line in csv.DictReader(f)) == ["", "true"]
+    unknown = TrialRecord("other", {**config, "not_a_field": 1}, None, "ok", None, _summary(69.0))
+    assert "(absent)" in table_markdown(cells([with_key, unknown]))  # a key no RunConfig has
 
 
 # ---- table.md and table.csv

@@ -10,7 +10,7 @@ from typing import Optional
 
 from ..files import atomic_write_text
 from .results import TrialRecord
-from .table import Row, Stat, cells, option_text
+from .table import Row, Stat, cells, in_cell, option_text
 
 __all__ = ["Pair", "paired_differences", "paired_markdown", "write_paired_md"]
 
@@ -40,8 +40,7 @@ def _accuracies(records: Sequence[TrialRecord], row: Row) -> dict:
     """baseline id -> (test, val) accuracy of the ok trials of ``row``'s cell."""
     out = {}
     for record in records:
-        if record.status == "ok" and record.baseline_id is not None and all(
-                option_text(record.config.get(k), "") == option_text(v, "") for k, v in row.options.items()):
+        if record.status == "ok" and record.baseline_id is not None and in_cell(record.config, row):
             pruned = record.summary["pruned"]
             out[record.baseline_id] = (pruned["accuracy"], pruned.get("val_accuracy"))
     return out

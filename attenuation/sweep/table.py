@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
+from ..config import RunConfig
 from ..files import atomic_write_text
 from .results import TrialRecord
 
@@ -36,6 +37,9 @@ METRICS = {
 }
 _DASH = "—"
 _MISSING = object()  # an option a trial's config does not have
+# A field a trial's config lacks was added after the trial ran, with the default that keeps what
+# runs did before it: the trial is read with that default (as the sweep's manifest does).
+_ADDED_LATER = RunConfig().to_dict()
 
 
 @dataclass(frozen=True)
@@ -96,8 +100,18 @@ def _canonical(value) -> str:
     return "<missing>" if value is _MISSING else json.dumps(value, sort_keys=True)
 
 
+def _option(config: Mapping, name: str):
+    return config[name] if name in config else _ADDED_LATER.get(name, _MISSING)
+
+
 def _cell_key(config: Mapping, names: Sequence[str]) -> tuple:
-    return tuple(_canonical(config.get(name, _MISSING)) for name in names)
+    return tuple(_canonical(_option(config, name)) for name in names)
+
+
+def in_cell(config: Mapping, row: "Row") -> bool:
+    """Whether a trial of configuration ``config`` belongs to ``row``'s cell (its shown options;
+    :func:`cells` shows every option that varies)."""
+    return all(_canonical(_option(config, name)) == _canonical(value) for name, value in row.options.items())
 
 
 def _option_names(records: Sequence[TrialRecord]) -> list[str]:
@@ -110,14 +124,14 @@ def _option_names(records: Sequence[TrialRecord]) -> list[str]:
 
 def _shown_names(records: Sequence[TrialRecord], names: Sequence[str]) -> list[str]:
     varying = [name for name in names if name not in ALWAYS_SHOWN
-               and len({_canonical(r.config.get(name, _MISSING)) for r in records}) > 1]
+               and len({_canonical(_option(r.config, name)) for r in records}) > 1]
     return [*ALWAYS_SHOWN, *varying]
 
 
 def _row(group: Sequence[TrialRecord], shown: Sequence[str]) -> Row:
     ok = [_trial_metrics(r.summary) for r in group if r.status == "ok"]
     stats = {name: Stat.of([m[name] for m in ok if m[name] is not None]) for name in METRICS}
-    options = {name: group[0].config.get(name, _MISSING) for name in shown}
+    options = {name: _option(group[0].config, name) for name in shown}
     return Row(options=options, seeds=len(ok), failed=len(group) - len(ok), stats=stats)
 
 
