@@ -207,8 +207,7 @@ def test_resume_of_a_checkpoint_older_than_the_model_field(tiny_npz, tmp_path):
 
 def test_a_resnet_trains_and_attenuates(tiny_npz, tmp_path):
     """--model builds the registry's model: a CIFAR ResNet-20 through the baseline and the
-    attenuation phase, with filters removed by the pruner. (Physical removal, after recovery, is
-    VGG-only for now.)"""
+    attenuation phase, with filters removed by the pruner (the whole loop: the test below)."""
     the_run = Run(_config(tiny_npz, tmp_path / "run", model="resnet20", width=0.25), progress=False)
     assert isinstance(the_run.model, ResNet)
     assert model_spec(the_run.model) == {"name": "resnet20", "width": 0.25, "num_classes": 10}

@@ -10,11 +10,9 @@ from typing import Optional
 
 from ..files import atomic_write_text
 from .results import TrialRecord
-from .table import Row, Stat, cells, in_cell, option_text
+from .table import DASH, Row, Stat, cells, in_cell, option_text, stat_text
 
 __all__ = ["Pair", "paired_differences", "paired_markdown", "write_paired_md"]
-
-_DASH = "—"
 
 
 @dataclass(frozen=True)
@@ -71,14 +69,8 @@ def paired_differences(records: Sequence[TrialRecord], reference_method: str = "
     return pairs
 
 
-def _stat_text(stat: Stat) -> str:
-    if stat.mean is None:
-        return _DASH
-    return f"{stat.mean:+.2f} ± " + (_DASH if stat.std is None else f"{stat.std:.2f}")
-
-
 def _variant(options: dict, skip: Sequence[str]) -> str:
-    parts = [f"{k}={option_text(v, _DASH)}" for k, v in options.items() if k not in skip and v is not None]
+    parts = [f"{k}={option_text(v, DASH)}" for k, v in options.items() if k not in skip and v is not None]
     return ", ".join(parts) or "defaults"
 
 
@@ -93,13 +85,13 @@ def paired_markdown(pairs: Sequence[Pair], reference_method: str = "attenuation"
     for pair in pairs:
         per_seed = ", ".join(f"{d:+.2f}" for d in pair.test)
         lines.append(
-            f"| {option_text(pair.reference['ratio'], _DASH)} | {option_text(pair.reference['criterion'], _DASH)} "
+            f"| {option_text(pair.reference['ratio'], DASH)} | {option_text(pair.reference['criterion'], DASH)} "
             f"| {_variant(pair.reference, ('method', 'ratio', 'criterion'))} "
             f"| {_variant(pair.against, ('ratio', 'criterion'))} | {len(pair.test)} "
-            f"| {_stat_text(pair.test_stat)} | {_stat_text(pair.val_stat)} | {per_seed} |")
+            f"| {stat_text(pair.test_stat, '{:+.2f}', True)} | {stat_text(pair.val_stat, '{:+.2f}', True)} | {per_seed} |")
     lines += ["", f"{reference_method} minus the other method, trial by trial over the trials that start "
               "from the same baseline (same seed), then the mean ± sample standard deviation of those "
-              f"differences ({_DASH} with one). Positive: {reference_method} is ahead."]
+              f"differences ({DASH} with one). Positive: {reference_method} is ahead."]
     return "\n".join(lines) + "\n"
 
 

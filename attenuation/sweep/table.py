@@ -35,7 +35,7 @@ METRICS = {
     "removed_during_phase_percent": ("removed during the phase (%)", "{:.1f}", False),
     "wall_seconds": ("wall time (s)", "{:.1f}", False),
 }
-_DASH = "—"
+DASH = "—"  # an undefined value in the tables
 _MISSING = object()  # an option a trial's config does not have
 # A field a trial's config lacks was added after the trial ran, with the default that keeps what
 # runs did before it: the trial is read with that default (as the sweep's manifest does).
@@ -189,12 +189,12 @@ def option_text(value, none: str) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
-def _stat_md(stat: Stat, fmt: str, show_std: bool) -> str:
+def stat_text(stat: Stat, fmt: str, show_std: bool) -> str:
     if stat.mean is None:
-        return _DASH
+        return DASH
     text = fmt.format(stat.mean)
     if show_std:
-        text += " ± " + (_DASH if stat.std is None else fmt.format(stat.std).lstrip("+"))
+        text += " ± " + (DASH if stat.std is None else fmt.format(stat.std).lstrip("+"))
     return text
 
 
@@ -204,14 +204,14 @@ def _shown_metrics(rows: Sequence[Row]) -> list[str]:
 
 
 def _row_md(row: Row, metrics: Sequence[str], chosen_by: str) -> str:
-    options = [option_text(v, _DASH).replace("|", "\\|") for v in row.options.values()]
+    options = [option_text(v, DASH).replace("|", "\\|") for v in row.options.values()]
     if row.seeds == 0:
         stats = ["failed"] * len(metrics)
     else:
         stats = []
         for name in metrics:
             _, fmt, show_std = METRICS[name]
-            text = _stat_md(row.stats[name], fmt, show_std)
+            text = stat_text(row.stats[name], fmt, show_std)
             stats.append(f"**{text}**" if row.best and name == chosen_by else text)
     return "| " + " | ".join([*options, str(row.seeds), str(row.failed), *stats]) + " |"
 
@@ -229,14 +229,14 @@ def table_markdown(rows: Sequence[Row]) -> str:
         "| " + " | ".join(aligns) + " |",
         *(_row_md(row, metrics, chosen_by) for row in rows),
         "",
-        f"Mean ± sample standard deviation over the seeds of a cell ({_DASH} with one seed); "
+        f"Mean ± sample standard deviation over the seeds of a cell ({DASH} with one seed); "
         "seeds: finished trials, failed: failed trials. Accuracy change is against each trial's "
         "own baseline; MACs and parameters removed are relative to it too. Latency ratio: baseline "
-        f"over pruned latency ({_DASH} where the baseline latency was not recorded). Kept returns: "
+        f"over pruned latency ({DASH} where the baseline latency was not recorded). Kept returns: "
         "filters that returned and were not removed; weak-set churn: filters entering or leaving "
         "the weak set per attenuation step; removed during the phase: the share of the removed "
         "filters removed by attenuation steps, the rest at the phase's end (docs/METHOD.md, "
-        f"\"Fate statistics\"; {_DASH} for results written before them). "
+        f"\"Fate statistics\"; {DASH} for results written before them). "
         + ("Bold: the best validation accuracy at its ratio (cells are chosen by it, never by the "
            "test accuracy)." if chosen_by == "val_accuracy" else "Bold: the best test accuracy at its "
            "ratio."),
