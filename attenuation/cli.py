@@ -9,6 +9,7 @@ import sys
 
 from .config import PHASES, PRESETS, RunConfig, preset_config
 from .criteria import available_criteria
+from .devices import PRECISIONS
 from .layout import GROUP_REDUCTIONS
 from .pruner import ATTENUATE_TARGETS
 from .methods import available_methods
@@ -72,9 +73,9 @@ def field_options() -> dict[str, tuple[str, dict]]:
         "round_to": (_PRUNING, dict(type=int,
                                     help="round kept channels up to a multiple of this at removal")),
         "compact": (_TRAINING, dict(action=argparse.BooleanOptionalAction,
-                                    help="cut removed filters out of the training network at the end of "
-                                         "each attenuation and recovery epoch (default; the same run up to "
-                                         "rounding): --no-compact keeps the shapes static")),
+                                    help="cut removed filters out of the training network as they are removed "
+                                         "(default; the same run up to rounding): --no-compact keeps the "
+                                         "shapes static")),
         "model": (_TRAINING, dict(choices=available_models(),
                                   help="the network (default: VGG of --depth); b: ResNet shortcut "
                                        "option B (1x1 conv), else option A (zero padding)")),
@@ -105,6 +106,10 @@ def field_options() -> dict[str, tuple[str, dict]]:
                                         "set only at each phase's end (default 0: no split, each "
                                         "epoch on the test set)")),
         "device": (_WHERE, dict(help="auto, cpu, cuda or cuda:N")),
+        "precision": (_WHERE, dict(choices=list(PRECISIONS),
+                                   help="autocast of training and evaluation: auto (the default) "
+                                        "computes in bfloat16 where the device does so natively (CUDA, "
+                                        "CPUs with AVX-512 BF16 or AMX), else in float32")),
         "backend": (_WHERE, dict(help="ops backend (default: the fastest for the device)")),
         "latency_batch": (_WHERE, dict(type=int, metavar="N",
                                        help="batch size of the latency measurement")),

@@ -9,6 +9,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from .devices import PRECISIONS
 from .methods import method_config
 from .models import available_models, vgg_depth, vgg_name
 from .overrides import apply_overrides
@@ -41,8 +42,8 @@ class RunConfig:
     depth: int = 16
     width: float = 0.25
     round_to: int = 1
-    # cut the removed filters out of the training network at the end of every attenuation and
-    # recovery epoch that removed some (Pruner.compact): the same run up to rounding, cheaper epochs;
+    # cut the removed filters out of the training network after the attenuation steps that removed
+    # enough and at epoch ends (Pruner.compact): the same run up to rounding, cheaper epochs;
     # False keeps the shapes static (for CUDA graphs or torch.compile)
     compact: bool = True
     # the schedule: epochs per phase
@@ -68,6 +69,9 @@ class RunConfig:
     val_split: int = 0
     seed: int = 0
     device: str = "auto"
+    # autocast of training and evaluation: auto (bfloat16 where the device computes it natively,
+    # else float32), float32 or bfloat16 (devices.resolve_precision)
+    precision: str = "auto"
     backend: Optional[str] = None
     latency_batch: int = 256
     out: Optional[str] = None
@@ -101,6 +105,8 @@ class RunConfig:
         for phase, n in self.epochs.items():
             if not isinstance(n, int) or n < 0:
                 raise ValueError(f"epochs for {phase} must be a non-negative integer, got {n!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         if self.epochs["attenuation"] < 1 and self.method != "none":
             raise ValueError("the attenuation phase needs at least one epoch")
         return self
@@ -206,10 +212,23 @@ AFTER_BASELINE_FIELDS = ("preset", "method", "criterion", "ratio", "scope", "ram
                          "lr_pruning_fraction", "lr_finetune_fraction", "out")
 
 
+# Fields added after runs were saved whose default computes something else than those runs did: a
+# saved configuration that lacks one is read with the value that reproduces it (runs before
+# ``precision`` trained in float32 on the CPU, the only device any saved run used).
+_ABSENT_MEANS = {"precision": "float32"}
+
+
+def complete_config(values: dict) -> dict:
+    """A configuration saved by any version (config.json, a checkpoint, a sweep's manifest) with
+    every field: one it lacks was added later and takes the value that reproduces the saved run,
+    its default unless :data:`_ABSENT_MEANS` says otherwise."""
+    return {**RunConfig().to_dict(), **_ABSENT_MEANS, **values}
+
+
 def baseline_key(config: RunConfig | dict) -> dict:
     """What a run's baseline phase depends on: the configuration without the fields that act
     later, and of the epochs only the baseline's."""
-    values = {**RunConfig().to_dict(), **(config if isinstance(config, dict) else config.to_dict())}
+    values = complete_config(config if isinstance(config, dict) else config.to_dict())
     key = {k: v for k, v in values.items() if k not in AFTER_BASELINE_FIELDS}
     key["epochs"] = {"baseline": values["epochs"]["baseline"]}
     return key
@@ -218,7 +237,7 @@ def baseline_key(config: RunConfig | dict) -> dict:
 # Fields added after sweep folders existed, with the value that leaves a run as it was before them:
 # at that value they are left out of the baseline id, so the ids (the baselines/ folders) of earlier
 # sweeps stay valid.
-_ID_OMITS_AT = {"val_split": 0, "model": None}
+_ID_OMITS_AT = {"val_split": 0, "model": None, **_ABSENT_MEANS}
 
 
 def baseline_id(config: RunConfig | dict) -> str:

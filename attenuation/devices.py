@@ -46,7 +46,31 @@ def check_backend(name: Optional[str], device: torch.device) -> str:
     return name
 
 
-def describe_device(device: torch.device) -> str:
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively: every CUDA device this library runs on, and
+    CPUs with AVX-512 BF16 or AMX (elsewhere oneDNN emulates bfloat16, slower than float32)."""
     if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
+        return True
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def resolve_precision(name: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of training and evaluation, None for plain float32. ``auto``: bfloat16
+    where the device computes it natively (:func:`native_bfloat16`), else float32."""
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown precision {name!r}: expected one of {', '.join(PRECISIONS)}")
+    if name == "bfloat16" or (name == "auto" and native_bfloat16(device)):
+        return torch.bfloat16
+    return None
+
+
+def describe_device(device: torch.device, autocast_dtype: Optional[torch.dtype] = None) -> str:
+    """The device in words, with the precision a run computes in."""
+    precision = "float32" if autocast_dtype is None else f"{str(autocast_dtype).removeprefix('torch.')} autocast"
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)}, {precision})"
+    return f"cpu ({torch.get_num_threads()} threads, {precision})"

@@ -1,5 +1,5 @@
 """One epoch of training and one evaluation pass: SGD, a stateless per-step learning rate,
-mixed precision and channels_last on CUDA, the pruner stepped after every optimizer step."""
+optional bfloat16 autocast (devices.resolve_precision), the pruner stepped after every optimizer step."""
 from __future__ import annotations
 
 import contextlib
@@ -51,18 +51,22 @@ class LRSchedule:
         raise ValueError(f"unknown phase {phase!r}")
 
 
-def autocast_for(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast_for(device: torch.device, dtype: Optional[torch.dtype]):
+    """Autocast to ``dtype`` on ``device``; None: none (float32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *,
                 lr: Callable[[int], float], first_step: int, label_smoothing: float = 0.0,
-                after_step: Optional[Callable[[], None]] = None,
-                progress: Optional[str] = None, live_fraction: Callable[[], float] = lambda: 1.0) -> EpochResult:
+                after_step: Optional[Callable[[], Optional[nn.Module]]] = None,
+                progress: Optional[str] = None, live_fraction: Callable[[], float] = lambda: 1.0,
+                autocast_dtype: Optional[torch.dtype] = None) -> EpochResult:
     """Train one epoch. ``lr(step)`` gives the rate of each global step of the phase, starting at
-    ``first_step``; ``after_step`` runs after every optimizer step (the pruner)."""
+    ``first_step``; ``after_step`` runs after every optimizer step (the pruner) and may return a
+    model to train from the next step on (a compacted one, with ``optimizer`` switched to it); the
+    forward pass and the loss run under autocast to ``autocast_dtype`` (None: float32)."""
     model.train()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
@@ -74,7 +78,7 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *,
     for i, (x, y) in enumerate(bar):
         for group in optimizer.param_groups:
             group["lr"] = lr(first_step + i)
-        with autocast_for(device):
+        with autocast_for(device, autocast_dtype):
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
@@ -82,7 +86,7 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *,
         optimizer.step()
         if after_step is not None:
             pruning_started = time.perf_counter()
-            after_step()
+            model = after_step() or model
             pruning_seconds += time.perf_counter() - pruning_started
         loss_sum += loss.detach() * y.shape[0]
         correct += (logits.argmax(1) == y).sum()
@@ -96,15 +100,16 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *,
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader) -> tuple[float, float]:
-    """(loss, accuracy in percent) over the loader, in eval mode."""
+def evaluate(model: nn.Module, loader, autocast_dtype: Optional[torch.dtype] = None) -> tuple[float, float]:
+    """(loss, accuracy in percent) over the loader, in eval mode, under autocast to
+    ``autocast_dtype`` (None: float32)."""
     model.eval()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     images = 0
     for x, y in loader:
-        with autocast_for(device):
+        with autocast_for(device, autocast_dtype):
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()

@@ -15,6 +15,8 @@ from attenuation.methods import method_config
 from attenuation.models import vgg
 from attenuation.ops.backends import default_backend
 from attenuation.pruner import Pruner
+from attenuation.config import RunConfig
+from attenuation.devices import resolve_precision
 from attenuation.train import autocast_for
 
 RATIOS = (0.25, 0.5, 0.75)
@@ -71,16 +73,22 @@ def cifar_batch(batch: int, device: torch.device, seed: int = 0) -> tuple[torch.
     return x.to(device).contiguous(memory_format=torch.channels_last), y.to(device)
 
 
+def run_autocast(device: torch.device):
+    """The autocast of a run with the default precision on ``device`` (bfloat16 where the device
+    computes it natively)."""
+    return autocast_for(device, resolve_precision(RunConfig.precision, device))
+
+
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                after_step: Optional[Callable[[], None]] = None) -> Callable[[], None]:
     """One optimizer step as ``attenuation run`` takes it (SGD with Nesterov momentum and weight
-    decay, bf16 autocast on CUDA), then ``after_step`` (the pruner's step)."""
+    decay, in the default precision: :func:`run_autocast`), then ``after_step`` (the pruner's step)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True,
                                 weight_decay=5e-4)
     model.train()
 
     def step() -> None:
-        with autocast_for(x.device):
+        with run_autocast(x.device):
             loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -91,11 +99,11 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 
 def inference(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
-    """One eval-mode forward pass as the runs measure latency (bf16 autocast on CUDA)."""
+    """One eval-mode forward pass as the runs measure latency (in the default precision)."""
     model.eval()
 
     def forward() -> None:
-        with torch.no_grad(), autocast_for(x.device):
+        with torch.no_grad(), run_autocast(x.device):
             model(x)
     return forward
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from attenuation.cli import main
-from attenuation.config import AFTER_BASELINE_FIELDS, baseline_id, baseline_key, preset_config
+from attenuation.config import AFTER_BASELINE_FIELDS, baseline_id, baseline_key, complete_config, preset_config
 from attenuation.run import BASELINE_FILE, Run, run
 
 # A value of every field that acts only after the baseline, valid on the smoke preset and different
@@ -56,10 +56,23 @@ def test_the_baseline_key_ignores_exactly_the_later_fields():
 
 def test_baseline_ids_of_earlier_sweeps_stay_valid():
     """A field added later, at the value that leaves runs as they were, does not change the id
-    (the name of a sweep's baselines/ folder): literals computed before val_split existed."""
-    assert baseline_id(preset_config("smoke")) == "baseline-s0-d56a4bf369"
-    assert baseline_id(preset_config("quick", seed=3)) == "baseline-s3-7b153d00fc"
+    (the name of a sweep's baselines/ folder): literals computed before val_split existed. Runs
+    before ``precision`` computed in float32: at that value the ids stay, at the default (auto,
+    which may compute in bfloat16) they differ."""
+    assert baseline_id(preset_config("smoke", precision="float32")) == "baseline-s0-d56a4bf369"
+    assert baseline_id(preset_config("quick", seed=3, precision="float32")) == "baseline-s3-7b153d00fc"
+    assert baseline_id(preset_config("smoke")) != "baseline-s0-d56a4bf369"
     assert baseline_key(preset_config("smoke"))["val_split"] == 0  # compared on --baseline all the same
+
+
+def test_a_saved_configuration_without_precision_reads_as_float32():
+    """Configurations saved before ``precision`` existed were computed in float32: read so, a
+    baseline or checkpoint of theirs is not taken for a bfloat16 one."""
+    saved = preset_config("smoke").to_dict()
+    del saved["precision"]
+    assert complete_config(saved)["precision"] == "float32"
+    assert baseline_key(saved)["precision"] == "float32"
+    assert complete_config(preset_config("smoke").to_dict())["precision"] == "auto"
 
 
 @pytest.mark.slow

@@ -32,7 +32,7 @@ SAMPLES = {
     "lr_finetune_fraction": ("0.2", 0.2), "momentum": ("0.8", 0.8), "weight_decay": ("1e-4", 1e-4),
     "label_smoothing": ("0.05", 0.05), "data": ("some/where.npz", "some/where.npz"),
     "train_subset": ("1000", 1000), "test_subset": ("200", 200), "val_split": ("500", 500), "seed": ("7", 7),
-    "device": ("cpu", "cpu"), "backend": ("reference", "reference"), "latency_batch": ("16", 16),
+    "device": ("cpu", "cpu"), "precision": ("bfloat16", "bfloat16"), "backend": ("reference", "reference"), "latency_batch": ("16", 16),
     "out": ("runs/x", "runs/x"),
 }
 

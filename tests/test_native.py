@@ -405,6 +405,16 @@ def test_autocast_casts_like_conv2d():
     assert not got[:, [0, 3, 4]].any()
 
 
+def test_autocast_leaves_float64_as_conv2d_does():
+    x, w = torch.randn(2, 4, 6, 6, dtype=torch.float64), torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    out_index = torch.tensor([4])  # 1 of 6 filters: under the dense break-even, the op itself runs
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = native.masked_conv2d(x, w, None, out_index, None, None, 1, 1, 1)
+        expected = F.conv2d(x, w, None, 1, 1)
+    assert got.dtype == expected.dtype == torch.float64
+    torch.testing.assert_close(got[:, out_index], expected[:, out_index])
+
+
 def test_package_works_without_the_extension_and_says_so_once():
     """With attenuation._C missing, the package imports, warns once and runs the reference."""
     import pathlib

@@ -153,6 +153,10 @@ def _unsupported(x: Tensor, weight: Tensor, padding, groups: int) -> Optional[st
     return None
 
 
+# The dtypes autocast casts for a convolution (float64 stays float64).
+_AUTOCAST_CASTS = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_index: Optional[Tensor],
                   in_index: Optional[Tensor], scale: Optional[Tensor], stride, padding, dilation,
                   groups: int = 1) -> Tensor:
@@ -175,7 +179,7 @@ def masked_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_index: 
     dense_from = DENSE_FROM_MAC_FRACTION.get(x.device.type, 1.0)
     if (out_index is not None or in_index is not None) and live_out * live_in >= dense_from * weight.shape[0] * weight.shape[1]:
         return reference.masked_dense_conv2d(x, weight, bias, out_index, in_index, scale, stride, padding, dilation)
-    if torch.is_autocast_enabled(x.device.type):
+    if torch.is_autocast_enabled(x.device.type) and x.dtype in _AUTOCAST_CASTS:
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)

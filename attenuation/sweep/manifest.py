@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from ..config import RunConfig, baseline_id
+from ..config import RunConfig, baseline_id, complete_config
 from ..files import atomic_write_text
 from .grid import TRIALS_DIR, Trial
 
@@ -55,12 +55,12 @@ def reconcile(out: Path, trials: Sequence[Trial], extend: bool) -> list[Trial]:
 def _identity(config: dict) -> str:
     """What makes two trials the same: the whole configuration but its folder, with the defaults
     of fields it lacks."""
-    values = {**RunConfig().to_dict(), **config}
+    values = complete_config(config)
     values.pop("out")
     return json.dumps(values, sort_keys=True)
 
 
 def _trial(out: Path, name: str, config: dict) -> Trial:
     """A recorded trial, writing where this folder is now (it may have moved)."""
-    config = RunConfig(**{**config, "out": str(out / TRIALS_DIR / name)}).validate()
+    config = RunConfig(**{**complete_config(config), "out": str(out / TRIALS_DIR / name)}).validate()
     return Trial(name, config, baseline_id(config))

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-from ..config import RunConfig
+from ..config import complete_config
 from ..files import atomic_write_text
 from .results import TrialRecord
 
@@ -37,9 +37,9 @@ METRICS = {
 }
 DASH = "—"  # an undefined value in the tables
 _MISSING = object()  # an option a trial's config does not have
-# A field a trial's config lacks was added after the trial ran, with the default that keeps what
-# runs did before it: the trial is read with that default (as the sweep's manifest does).
-_ADDED_LATER = RunConfig().to_dict()
+# A field a trial's config lacks was added after the trial ran: the trial is read with the value
+# that reproduces it (as the sweep's manifest does).
+_ADDED_LATER = complete_config({})
 
 
 @dataclass(frozen=True)
