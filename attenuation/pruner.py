@@ -581,16 +581,13 @@ class Pruner:
         ``round_to``: that of the final ``remove_filters``; the removed channels it may keep back
         stay in (masked), so that the final network is the same as without compaction.
         It reads the status on the host (a synchronisation on CUDA) and changes the shapes of the
-        parameters: call it between epochs, and not under CUDA graphs or ``torch.compile``."""
-        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-            raise ValueError(f"round_to must be an int >= 1, got {round_to!r}")
+        parameters: call it between optimizer steps, and not under CUDA graphs or ``torch.compile``."""
         held = {id(module) for module in model.modules()}
         if not all(id(layer.conv) in held for layer in self.layers):
             raise ValueError("compact() takes the model this pruner prunes (after a compaction, the "
                              "model that compact() returned)")
         self.sync_live()  # the last attenuation step's status taken in
-        removed = (self.status == ops.REMOVED).cpu()
-        keep = ~removed | kept_back(removed, self.layout.counts, round_to)
+        removed, keep = self._compaction_keep(round_to)
         if bool(keep.all()):
             return model
         masks = list(keep[self.layout.filter_channel_host].split(self.layout.filter_counts))
@@ -606,6 +603,20 @@ class Pruner:
         self._renumber(groups, keep, removed[keep])
         self._hooks = self._register_hooks()
         return smaller
+
+    def cut_fraction(self, round_to: int = 1) -> float:
+        """The share of the model's group channels that :meth:`compact` would cut out now (the
+        removed ones but those ``round_to`` keeps back). Reads the status on the host."""
+        _, keep = self._compaction_keep(round_to)
+        return 1.0 - float(keep.float().mean()) if keep.numel() else 0.0
+
+    def _compaction_keep(self, round_to: int) -> tuple[Tensor, Tensor]:
+        """(removed, keep) on the host, per group channel of the working layout: what compaction
+        keeps are the live channels and the removed ones that ``round_to`` keeps back."""
+        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+            raise ValueError(f"round_to must be an int >= 1, got {round_to!r}")
+        removed = (self.status == ops.REMOVED).cpu()
+        return removed, ~removed | kept_back(removed, self.layout.counts, round_to)
 
     def _renumber(self, groups: ModelGroups, keep: Tensor, removed: Tensor) -> None:
         """Work on the compacted model's ``groups``, keeping the state of the ``keep`` channels

@@ -13,9 +13,9 @@ import torch.nn as nn
 
 from . import plots, report
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import PHASES, RunConfig, baseline_key
+from .config import PHASES, RunConfig, baseline_key, complete_config
 from .data import CIFAR10, DeviceLoader, find_cifar10, hold_out, load_cifar10, subset
-from .devices import check_backend, describe_device, resolve_device
+from .devices import check_backend, describe_device, resolve_device, resolve_precision
 from .fates import fate_statistics
 from .files import atomic_write_text, remove_stale_temporaries
 from .models import build_model, create_model, model_title
@@ -29,6 +29,9 @@ _NOT_COMPARED_ON_RESUME = ("out",)
 # Every file a run writes in its folder.
 OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint.pt", "baseline.pt", "model.pt", "fates.json",
            "report.md", "summary.json", "curves.png", "filter_fates.png")
+# The share of the training network's channels that an attenuation step must have removed for the
+# network to be compacted at once rather than at the epoch's end (bench/overhead.py times a compaction).
+COMPACT_FROM = 0.02
 # The checkpoint of the run as its baseline phase ended: other runs can start from it (--baseline).
 BASELINE_FILE = "baseline.pt"
 
@@ -62,6 +65,7 @@ class Run:
         self.out = Path(config.out) if config.out else default_out(config)
         self.device = resolve_device(config.device)
         self.backend = check_backend(config.backend, self.device)
+        self.autocast_dtype = resolve_precision(config.precision, self.device)
         if not resume and (self.out / "checkpoint.pt").exists():
             raise FileExistsError(f"{self.out} already holds a run: pass --resume to continue it "
                                   "or choose another --out")
@@ -143,7 +147,7 @@ class Run:
     def _resume(self) -> None:
         saved = load_checkpoint(self.out / "checkpoint.pt", map_location=self.device)
         # a field added since the checkpoint was written has the default that kept runs unchanged
-        mine, theirs = self.config.to_dict(), {**RunConfig().to_dict(), **saved["config"]}
+        mine, theirs = self.config.to_dict(), complete_config(saved["config"])
         differ = [k for k in mine if k not in _NOT_COMPARED_ON_RESUME and mine[k] != theirs.get(k)]
         if differ:
             raise ValueError("the checkpoint is from another configuration: "
@@ -228,9 +232,9 @@ class Run:
             self.model, self.train_loader, self.optimizer,
             lr=lambda step: schedule.at(phase, step, total), first_step=epoch * steps,
             label_smoothing=self.config.label_smoothing,
-            after_step=pruner.step if pruner is not None else None,
+            after_step=self._after_step if pruner is not None else None,
             progress=f"{phase} {epoch + 1}/{n_epochs}" if self.progress else None,
-            live_fraction=self._live_fraction)
+            live_fraction=self._live_fraction, autocast_dtype=self.autocast_dtype)
         self._check_finite(result.loss, f"the {phase} phase, epoch {epoch + 1}/{n_epochs}")
         if pruner is not None:
             pruner.live_masks()  # the convs' masks of the epoch's last attenuation step, for the MAC count below
@@ -238,7 +242,7 @@ class Run:
         # with a validation split every epoch is measured on it, and the test set only at phase ends
         held_out = "test" if self.val_loader is None else "val"
         held_out_loss, held_out_acc = evaluate(self.model, self.test_loader if self.val_loader is None
-                                               else self.val_loader)
+                                               else self.val_loader, self.autocast_dtype)
         self.state["epoch_in_phase"] += 1
         self.state["global_epoch"] += 1
         row = {"phase": phase, "epoch": self.state["global_epoch"], "phase_epoch": epoch + 1,
@@ -275,6 +279,19 @@ class Run:
             return self.pruner.live_fraction()
         record = self.state["record"]
         return 1.0 - record["removed_filters"] / record["filters"]
+
+    def _after_step(self) -> Optional[nn.Module]:
+        """The pruner's step after every optimizer step. With ``compact``, an attenuation step
+        that removed at least COMPACT_FROM of the network's channels is followed by a
+        compaction: the model to train on from the next step is returned."""
+        pruner = self.pruner
+        pruner.step()
+        attenuated = bool(pruner.history_steps) and pruner.history_steps[-1] == pruner.steps_done
+        if not (self.config.compact and attenuated
+                and pruner.cut_fraction(self.config.round_to) >= COMPACT_FROM):
+            return None
+        self._compact()
+        return self.model
 
     def _compact(self) -> None:
         """Cut the filters removed since the last compaction out of the training network (the
@@ -324,11 +341,12 @@ class Run:
 
     def _record_phase(self, phase: str) -> None:
         with torch.random.fork_rng(devices=[]):  # measurements must not perturb training's RNG
-            _, accuracy = evaluate(self.model, self.test_loader)
-            val_accuracy = None if self.val_loader is None else evaluate(self.model, self.val_loader)[1]
+            _, accuracy = evaluate(self.model, self.test_loader, self.autocast_dtype)
+            val_accuracy = None if self.val_loader is None else \
+                evaluate(self.model, self.val_loader, self.autocast_dtype)[1]
             latency = measure_latency(self.model, batch_size=self.config.latency_batch,
                                       device=self.device, channels_last=self.channels_last,
-                                      autocast_dtype=torch.bfloat16 if self.device.type == "cuda" else None)
+                                      autocast_dtype=self.autocast_dtype)
         seconds = sum(row["seconds"] for row in self.state["metrics"] if row["phase"] == phase)
         params, macs = self._network_cost()
         self.state["phases"].append({
@@ -349,7 +367,7 @@ class Run:
                                 statistics=fates)
         summary = report.make_summary(
             method=c.method, criterion=c.criterion, ratio=c.ratio, data_source=self.data_source,
-            device=describe_device(self.device), wall_seconds=self.state["wall_seconds"],
+            device=describe_device(self.device, self.autocast_dtype), wall_seconds=self.state["wall_seconds"],
             # .get: phase rows of a checkpoint older than the validation split lack val_accuracy
             baseline={k: phases["baseline"].get(k) for k in report.SECTION_KEYS},
             pruned={k: phases["finetune"].get(k) for k in report.SECTION_KEYS},
@@ -361,7 +379,7 @@ class Run:
         report.write_report(
             self.out / "report.md", title=f"attenuation run: {c.method} / {c.criterion}, ratio {c.ratio:g}, "
             f"{model_title(c.model_name)} x{c.width:g} ({c.preset} preset)", config=c.to_dict(),
-            data_source=self.data_source, device=describe_device(self.device),
+            data_source=self.data_source, device=describe_device(self.device, self.autocast_dtype),
             phases=self.state["phases"], latency_batch=c.latency_batch,
             summary=summary, plots=["curves.png", "filter_fates.png"],
             notes=[f"ops backend: {self.backend}",
@@ -369,7 +387,7 @@ class Run:
                    f"{record['returns']} returns; latency is the median forward time at batch "
                    f"{c.latency_batch}; the pruned rows before removal count the masked network's "
                    "parameters and MACs and time the network trained: "
-                   + ("compacted at every epoch's end (--compact)." if c.compact
+                   + ("compacted after the attenuation steps that removed filters (--compact)." if c.compact
                       else "the masked convolution (--no-compact).")])
         return summary
 
