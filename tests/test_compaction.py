@@ -314,3 +314,23 @@ def test_resume_across_compactions_is_bitwise_exact(tiny_npz, tmp_path, stop_aft
     assert model_a.keys() == model_b.keys() and all(torch.equal(model_a[k], model_b[k]) for k in model_a)
     assert fates_a == fates_b and full["returns"] == resumed["returns"] > 0
     assert [row["train_loss"] for row in state_a["metrics"]] == [row["train_loss"] for row in state_b["metrics"]]
+
+
+def test_a_run_compacts_right_after_the_attenuation_steps_that_removed_enough(tiny_npz, tmp_path, monkeypatch):
+    """The network shrinks inside an epoch, not only at its end: after an attenuation step that
+    removed at least COMPACT_FROM of the channels (and never after a step that removed none)."""
+    cuts = []  # (optimizer steps of the phase, share of the channels cut) of each compaction
+    compact = Pruner.compact
+
+    def recording(pruner, model, optimizer=None, round_to=1):
+        share = pruner.cut_fraction(round_to)
+        smaller = compact(pruner, model, optimizer, round_to)
+        if smaller is not model:
+            cuts.append((pruner.steps_done, share))
+        return smaller
+    monkeypatch.setattr(Pruner, "compact", recording)
+    the_run = Run(_run_config(tiny_npz, tmp_path, factor=0.5, eps=0.2, interval=2), progress=False)
+    steps = len(the_run.train_loader)
+    the_run.execute()
+    inside = [(step, share) for step, share in cuts if step % steps]
+    assert inside and all(share >= run_module.COMPACT_FROM and step % 2 == 0 for step, share in inside)

@@ -51,7 +51,7 @@ def test_smoke_run_writes_every_output(tiny_npz, tmp_path, umask_022):
     assert rows[0]["macs"] == summary["baseline"]["macs"] and rows[-1]["macs"] == summary["pruned"]["macs"]
     report = (out / "report.md").read_text()
     assert "| removal |" in report and "npz file" in report
-    assert report.startswith("# attenuation run: attenuation / l1, ratio 0.35, VGG-11 x0.0625 (smoke preset)")
+    assert report.startswith(f"# attenuation run: attenuation / {RunConfig.criterion}, ratio 0.35, VGG-11 x0.0625 (smoke preset)")
     assert "latency (ms, batch 8)" in report and "batch 256" not in report
     model = load_pruned(out / "model.pt")
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
@@ -132,9 +132,9 @@ def test_a_validation_split_measures_the_epochs_and_the_test_set_once_per_phase(
     assert (len(the_run.train_loader.labels), len(the_run.val_loader.labels)) == (280, 40)
     evaluated = []
     original = run_module.evaluate
-    monkeypatch.setattr(run_module, "evaluate", lambda model, loader: (evaluated.append(
+    monkeypatch.setattr(run_module, "evaluate", lambda model, loader, autocast_dtype: (evaluated.append(
         "test" if loader is the_run.test_loader else "val" if loader is the_run.val_loader else "?"),
-        original(model, loader))[1])
+        original(model, loader, autocast_dtype))[1])
     summary = the_run.execute()
     assert evaluated.count("test") == 5  # baseline, attenuation, recovery, removal, finetune
     assert evaluated.count("val") == 4 + 5 and "?" not in evaluated  # every epoch, every phase end
@@ -235,7 +235,7 @@ def test_a_resnet_run_removes_filters_and_its_model_file_stands_alone(tiny_npz, 
     rebuilt = load_pruned(tmp_path / "run" / "model.pt")
     assert isinstance(rebuilt, ResNet) and model_spec(rebuilt)["name"] == model
     assert count_macs(rebuilt) == summary["pruned"]["macs"]
-    assert evaluate(rebuilt, the_run.test_loader)[1] == summary["pruned"]["accuracy"]
+    assert evaluate(rebuilt, the_run.test_loader, the_run.autocast_dtype)[1] == summary["pruned"]["accuracy"]
 
 
 def test_resume_removes_stale_temporaries(tiny_npz, tmp_path):

@@ -492,7 +492,7 @@ def test_paired_differences_by_hand(tmp_path):
     iterative = pairs["iterative"]
     assert iterative.baselines == ("b1",) and iterative.test == pytest.approx((-1.0,))
     text = paired_markdown(list(pairs.values()))
-    assert "| 0.5 | l1 | defaults | method=hard | 3 | +0.25 ± 0.43 |" in text
+    assert f"| 0.5 | {RunConfig.criterion} | defaults | method=hard | 3 | +0.25 ± 0.43 |" in text
     assert "| method=iterative | 1 | -1.00 ± — |" in text
 
 
