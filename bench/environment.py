@@ -12,6 +12,9 @@ from typing import Optional
 
 import torch
 
+from attenuation.config import RunConfig
+from attenuation.devices import resolve_precision
+
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch", "triton", "torchvision", "numpy", "pytest-benchmark", "torch-pruning")
 
@@ -74,6 +77,8 @@ def collect(device: torch.device, commit_override: Optional[str] = None) -> dict
                      "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
                      **{name: _version(name) for name in PACKAGES}},
         "commit": commit(commit_override),
+        # what the measured training steps and latencies compute in: a run's default precision
+        "precision": str(resolve_precision(RunConfig.precision, device) or torch.float32).removeprefix("torch."),
     }
 
 

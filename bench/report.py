@@ -94,6 +94,8 @@ def _about(record: dict) -> list[str]:
         ["torch / triton / CUDA / cuDNN", f"{sw['torch']} / {sw['triton']} / {sw['cuda']} / {sw['cudnn']}"],
         ["Torch-Pruning", sw.get("torch-pruning") or "not installed"],
         ["ops backends on the device", ", ".join(backends) if backends else "?"],
+        # reports from before the precision option computed in float32 on the CPU
+        ["precision (autocast)", env.get("precision", "float32")],
         ["load average (1 min)", load],
         ["command", f"`{record['command']}`" + (" (quick: sizes for checking the suite, not figures)"
                                                   if record["quick"] else "")],
