@@ -146,7 +146,7 @@ class Run:
 
     def _resume(self) -> None:
         saved = load_checkpoint(self.out / "checkpoint.pt", map_location=self.device)
-        # a field added since the checkpoint was written has the default that kept runs unchanged
+        # a field added since the checkpoint was written takes the value that reproduces the run
         mine, theirs = self.config.to_dict(), complete_config(saved["config"])
         differ = [k for k in mine if k not in _NOT_COMPARED_ON_RESUME and mine[k] != theirs.get(k)]
         if differ:
