@@ -218,14 +218,14 @@ AFTER_BASELINE_FIELDS = ("preset", "method", "criterion", "ratio", "scope", "ram
 # Fields added after runs were saved whose default computes something else than those runs did: a
 # saved configuration that lacks one is read with the value that reproduces it (runs before
 # ``precision`` trained in float32 on the CPU, the only device any saved run used).
-_ABSENT_MEANS = {"precision": "float32"}
+ABSENT_MEANS = {"precision": "float32"}
 
 
 def complete_config(values: dict) -> dict:
     """A configuration saved by any version (config.json, a checkpoint, a sweep's manifest) with
     every field: one it lacks was added later and takes the value that reproduces the saved run,
-    its default unless :data:`_ABSENT_MEANS` says otherwise."""
-    return {**RunConfig().to_dict(), **_ABSENT_MEANS, **values}
+    its default unless :data:`ABSENT_MEANS` says otherwise."""
+    return {**RunConfig().to_dict(), **ABSENT_MEANS, **values}
 
 
 def baseline_key(config: RunConfig | dict) -> dict:
@@ -240,7 +240,7 @@ def baseline_key(config: RunConfig | dict) -> dict:
 # Fields added after sweep folders existed, with the value that leaves a run as it was before them:
 # at that value they are left out of the baseline id, so the ids (the baselines/ folders) of earlier
 # sweeps stay valid.
-_ID_OMITS_AT = {"val_split": 0, "model": None, **_ABSENT_MEANS}
+_ID_OMITS_AT = {"val_split": 0, "model": None, **ABSENT_MEANS}
 
 
 def baseline_id(config: RunConfig | dict) -> str:

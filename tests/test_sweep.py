@@ -208,3 +208,20 @@ def test_a_folder_written_before_a_new_field_keeps_its_trials(tmp_path):
     (tmp_path / MANIFEST_FILE).write_text(json.dumps({**saved, "trials": old}))
     again = reconcile(tmp_path, trials, extend=False)  # the same grid: resumed, not refused
     assert sorted(t.name for t in again) == sorted(old)
+
+
+def test_a_folder_written_before_precision_resumes_in_float32_and_says_so(tmp_path):
+    """Trials recorded before `precision` existed computed in float32: the same grid at float32
+    resumes them; at the default (auto) it is another grid, and the refusal says why."""
+    from attenuation.sweep.manifest import MANIFEST_FILE, reconcile
+
+    float32 = expand({"preset": ["smoke"], "seed": [0, 1], "precision": ["float32"]}, tmp_path)
+    reconcile(tmp_path, float32, extend=False)
+    saved = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    old = {name: {k: v for k, v in config.items() if k != "precision"} for name, config in saved["trials"].items()}
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps({**saved, "trials": old}))
+    with pytest.raises(ValueError, match="2 recorded trials predate --precision and ran with float32 "
+                                         r"\(pass --precision float32 to resume them\)"):
+        reconcile(tmp_path, expand({"preset": ["smoke"], "seed": [0, 1]}, tmp_path), extend=False)
+    resumed = reconcile(tmp_path, float32, extend=False)
+    assert sorted(t.name for t in resumed) == sorted(old) and {t.config.precision for t in resumed} == {"float32"}

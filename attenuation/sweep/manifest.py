@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from ..config import RunConfig, baseline_id, complete_config
+from ..config import ABSENT_MEANS, RunConfig, baseline_id, complete_config
 from ..files import atomic_write_text
 from .grid import TRIALS_DIR, Trial
 
@@ -30,7 +30,8 @@ def reconcile(out: Path, trials: Sequence[Trial], extend: bool) -> list[Trial]:
 
     A new folder takes the grid. A folder holding the same grid is resumed. A folder holding
     another grid is refused unless ``extend``, which adds the new trials to the old ones. Trials
-    are matched by configuration, a field added since the folder was written taking its default:
+    are matched by configuration, a field added since the folder was written taking the value that
+    reproduces the trial (config.complete_config):
     a recorded trial keeps its name (and folder) even if a newer version would name it otherwise."""
     path = out / MANIFEST_FILE
     mine = {t.name: t.config.to_dict() for t in trials}
@@ -44,12 +45,24 @@ def reconcile(out: Path, trials: Sequence[Trial], extend: bool) -> list[Trial]:
                 raise ValueError(
                     f"{out} holds another grid ({len(recorded)} trials; this command adds {new} and "
                     f"leaves out {gone}): pass --extend to add this grid's trials to it, or choose "
-                    "another --out")
+                    "another --out" + _older_fields_hint(recorded.values(), mine.values()))
             mine = {**recorded, **mine}
     elif any(out.iterdir()) if out.is_dir() else False:
         raise ValueError(f"{out} is not empty and holds no sweep: choose another --out")
     atomic_write_text(path, json.dumps({"format": MANIFEST_FORMAT, "trials": mine}, indent=1) + "\n")
     return [_trial(out, name, config) for name, config in sorted(mine.items())]
+
+
+def _older_fields_hint(recorded, grid) -> str:
+    """Why a rerun of an older sweep's command may not match it: its trials predate a field whose
+    default now computes otherwise (config.ABSENT_MEANS); empty when none does."""
+    hints = []
+    for name, value in ABSENT_MEANS.items():
+        older = sum(name not in config for config in recorded)
+        if older and any(config[name] != value for config in grid):
+            hints.append(f"{older} recorded trials predate --{name.replace('_', '-')} and ran with "
+                         f"{value} (pass --{name.replace('_', '-')} {value} to resume them)")
+    return "; " + "; ".join(hints) if hints else ""
 
 
 def _identity(config: dict) -> str:
