@@ -9,7 +9,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from .devices import PRECISIONS
+from .devices import check_precision
 from .methods import method_config
 from .models import available_models, vgg_depth, vgg_name
 from .overrides import apply_overrides
@@ -107,8 +107,7 @@ class RunConfig:
         for phase, n in self.epochs.items():
             if not isinstance(n, int) or n < 0:
                 raise ValueError(f"epochs for {phase} must be a non-negative integer, got {n!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        check_precision(self.precision)
         if self.epochs["attenuation"] < 1 and self.method != "none":
             raise ValueError("the attenuation phase needs at least one epoch")
         return self

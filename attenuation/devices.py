@@ -58,11 +58,15 @@ def native_bfloat16(device: torch.device) -> bool:
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
+def check_precision(name: str) -> None:
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown precision {name!r}: expected one of {', '.join(PRECISIONS)}")
+
+
 def resolve_precision(name: str, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype of training and evaluation, None for plain float32. ``auto``: bfloat16
     where the device computes it natively (:func:`native_bfloat16`), else float32."""
-    if name not in PRECISIONS:
-        raise ValueError(f"unknown precision {name!r}: expected one of {', '.join(PRECISIONS)}")
+    check_precision(name)
     if name == "bfloat16" or (name == "auto" and native_bfloat16(device)):
         return torch.bfloat16
     return None
