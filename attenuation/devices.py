@@ -72,9 +72,14 @@ def resolve_precision(name: str, device: torch.device) -> Optional[torch.dtype]:
     return None
 
 
+def precision_name(autocast_dtype: Optional[torch.dtype]) -> str:
+    """What :func:`resolve_precision` gave, in words: ``float32`` or the autocast dtype's name."""
+    return str(autocast_dtype or torch.float32).removeprefix("torch.")
+
+
 def describe_device(device: torch.device, autocast_dtype: Optional[torch.dtype] = None) -> str:
     """The device in words, with the precision a run computes in."""
-    precision = "float32" if autocast_dtype is None else f"{str(autocast_dtype).removeprefix('torch.')} autocast"
+    precision = precision_name(autocast_dtype) + ("" if autocast_dtype is None else " autocast")
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)}, {precision})"
     return f"cpu ({torch.get_num_threads()} threads, {precision})"

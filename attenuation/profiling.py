@@ -10,6 +10,8 @@ import time
 import torch
 from torch import nn
 
+from .train import autocast_for
+
 __all__ = ["count_parameters", "count_macs", "measure_latency"]
 
 
@@ -134,15 +136,13 @@ def measure_latency(model: nn.Module, batch_size: int = 256, input_size=(3, 32, 
     if channels_last:
         model = copy.deepcopy(model).to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                else contextlib.nullcontext())
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
     times_ms = []
-    with _eval_mode(model), torch.no_grad(), autocast:
+    with _eval_mode(model), torch.no_grad(), autocast_for(device, autocast_dtype):
         for _ in range(warmup):
             model(x)
         for _ in range(repeats):

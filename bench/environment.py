@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from attenuation.config import RunConfig
-from attenuation.devices import resolve_precision
+from attenuation.devices import precision_name, resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch", "triton", "torchvision", "numpy", "pytest-benchmark", "torch-pruning")
@@ -78,7 +78,7 @@ def collect(device: torch.device, commit_override: Optional[str] = None) -> dict
                      **{name: _version(name) for name in PACKAGES}},
         "commit": commit(commit_override),
         # what the measured training steps and latencies compute in: a run's default precision
-        "precision": str(resolve_precision(RunConfig.precision, device) or torch.float32).removeprefix("torch."),
+        "precision": precision_name(resolve_precision(RunConfig.precision, device)),
     }
 
 
