@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from . import plots, report
+from .batch_norm import convert_batch_norms
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import PHASES, RunConfig, baseline_key, complete_config
 from .data import CIFAR10, DeviceLoader, find_cifar10, hold_out, load_cifar10, subset
@@ -121,7 +122,9 @@ class Run:
         return data
 
     def _to_device(self, model: nn.Module) -> nn.Module:
-        model = model.to(self.device)
+        """``model`` on the run's device, channels-last, with BatchNorms that are fast there for
+        any channel count (ChannelsLastBatchNorm2d: the pruned counts)."""
+        model = convert_batch_norms(model.to(self.device))
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
     def _make_pruner(self) -> Pruner:

@@ -183,3 +183,44 @@ def test_pruner_attenuation_step(benchmark, device, impl, scope):
 
     benchmark.extra_info.update(backend=impl, device=str(device))
     benchmark(step)
+
+
+# The quick preset's BatchNorm shapes (channels, spatial size): the unpruned VGG-16 x0.25 and the
+# same network with 35% of every layer's filters removed (its default ratio), at batch 256.
+BATCH_NORM_LAYERS = {"q16x32": (16, 32), "q32x16": (32, 16), "q64x8": (64, 8), "q128x4": (128, 4),
+                     "p10x32": (10, 32), "p21x16": (21, 16), "p42x8": (42, 8), "p83x4": (83, 4)}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("layer", list(BATCH_NORM_LAYERS))
+@pytest.mark.parametrize("impl", ["native", "torch_batch_norm"])
+def test_batch_norm_forward_backward(benchmark, device, impl, layer, dtype):
+    """A training BatchNorm on channels-last activations, forward + backward: the native ops
+    (attenuation.batch_norm, CPU) against PyTorch's kernel, whose channels-last path vectorises
+    along the channels (slow for counts that are not a multiple of 16). ``bytes``: one read of x
+    for the statistics, one read and a write for the output, two reads of x and of the gradient
+    and a write for the backward."""
+    from attenuation.batch_norm import NATIVE
+    if device.type != "cpu":
+        pytest.skip("the native BatchNorm is a CPU op (cuDNN's is fast for any channel count)")
+    if impl == "native" and not NATIVE:
+        pytest.skip("the native extension was built without the BatchNorm ops")
+    channels, size = BATCH_NORM_LAYERS[layer]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, channels, size, size, generator=g).to(getattr(torch, dtype))
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn(x.shape, generator=g).to(x.dtype).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.rand(channels, generator=g).add(0.5), torch.randn(channels, generator=g)
+    weight.requires_grad_(), bias.requires_grad_()
+    _ops = torch.ops.attenuation
+
+    def step():
+        if impl == "native":
+            y = _ops.batch_norm_train(x, weight, bias, 1e-5)[0]
+        else:
+            y = F.batch_norm(x, None, None, weight, bias, True, 0.1, 1e-5)
+        torch.autograd.grad(y, (x, weight, bias), grad)
+
+    benchmark.extra_info.update(impl=impl, layer=layer, channels=channels, size=size, dtype=dtype,
+                                device=str(device), bytes=8 * x.numel() * x.element_size())
+    benchmark(step)

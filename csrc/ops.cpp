@@ -35,4 +35,12 @@ TORCH_LIBRARY(attenuation, m) {
       "masked_conv2d_backward(Tensor grad_out, Tensor x_live, Tensor weight, Tensor? out_index, "
       "Tensor? in_index, Tensor? scale, int[2] stride, int[2] padding, int[2] dilation, "
       "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  // BatchNorm of channels-last activations for any channel count (CPU; attenuation/batch_norm.py).
+  // batch_norm_train returns (out, mean, biased var); the statistics are float32 (float64 for a
+  // float64 x) and the running statistics are updated by the caller from them.
+  m.def("batch_norm_train(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("channel_affine(Tensor x, Tensor scale, Tensor shift) -> Tensor");
+  m.def(
+      "batch_norm_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor mean, Tensor var, float eps, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
