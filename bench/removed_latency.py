@@ -11,7 +11,7 @@ from attenuation.surgery import remove_filters
 
 from . import section
 from .timing import interleaved
-from .workload import Settings, channels_last, cifar_batch, inference, keep_masks, vgg_model
+from .workload import Settings, as_trained, cifar_batch, inference, keep_masks, vgg_model
 
 ROUNDINGS = (1, 8)
 
@@ -24,7 +24,7 @@ def _networks(settings: Settings, device: torch.device) -> dict:
         keep = keep_masks(base, ratio)
         for round_to in ROUNDINGS:
             removed = remove_filters(base, keep, round_to=round_to)
-            networks[f"{ratio:g}/round{round_to}"] = channels_last(removed)
+            networks[f"{ratio:g}/round{round_to}"] = as_trained(removed)
     return networks
 
 

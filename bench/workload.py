@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attenuation import ops
+from attenuation.batch_norm import convert_batch_norms
 from attenuation.methods import method_config
 from attenuation.models import vgg
 from attenuation.ops.backends import default_backend
@@ -54,15 +55,16 @@ def settings_for(device: torch.device, quick: bool) -> Settings:
 
 
 def vgg_model(settings: Settings, device: torch.device, seed: int = 0) -> nn.Module:
-    """A freshly initialised VGG (plain nn.Conv2d), channels-last on ``device`` as runs use it."""
+    """A freshly initialised VGG (plain nn.Conv2d) on ``device``, as runs keep it (as_trained)."""
     torch.manual_seed(seed)
-    return channels_last(vgg(settings.depth, settings.width).to(device))
+    return as_trained(vgg(settings.depth, settings.width).to(device))
 
 
-def channels_last(model: nn.Module) -> nn.Module:
-    """``model`` with channels-last weights, as ``attenuation run`` keeps every network (also
-    after removal, whose sliced weights come out in the default layout)."""
-    return model.to(memory_format=torch.channels_last)
+def as_trained(model: nn.Module) -> nn.Module:
+    """``model`` as ``attenuation run`` keeps every network: channels-last weights (also after
+    removal, whose sliced weights come out in the default layout) and BatchNorms that are fast for
+    any channel count on the CPU (convert_batch_norms)."""
+    return convert_batch_norms(model).to(memory_format=torch.channels_last)
 
 
 def cifar_batch(batch: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
