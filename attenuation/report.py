@@ -245,6 +245,29 @@ def _comparison(summary: Mapping, baseline_latency_ms: float | None) -> str:
     )
 
 
+def _epoch_cost_rows(epochs: list[dict]) -> list[str]:
+    """Each epoch after the baseline against the baseline epochs' median time, next to its MACs as
+    a fraction of the first epoch's (at the epoch's end): what pruning makes training cost. Empty
+    without baseline epochs."""
+    baseline = sorted(row["seconds"] for row in epochs if row["phase"] == "baseline")
+    if not baseline or not epochs[0].get("macs"):
+        return []
+    middle = len(baseline) // 2
+    median = baseline[middle] if len(baseline) % 2 else (baseline[middle - 1] + baseline[middle]) / 2
+    full_macs = epochs[0]["macs"]
+    lines = ["## Epoch times", "",
+             f"Each epoch after the baseline against the baseline epochs' median ({median:.1f} s), and its "
+             "live MACs at the epoch's end against the unpruned network's.", "",
+             "| epoch | phase | time (s) | x baseline median | live MACs fraction |",
+             "| ---: | --- | ---: | ---: | ---: |"]
+    for row in epochs:
+        if row["phase"] != "baseline":
+            fraction = _cell(row.get("macs"), lambda macs: f"{macs / full_macs:.2f}")
+            lines.append(f"| {row['epoch']} | {row['phase']} | {row['seconds']:.1f} | "
+                         f"{row['seconds'] / median:.2f} | {fraction} |")
+    return lines + [""]
+
+
 def _mentions_jpeg_copy(data_source: str) -> bool:
     source = data_source.lower()
     return any(word in source for word in ("npz", "jpeg", "jpg"))
@@ -262,6 +285,7 @@ def write_report(
     summary: dict,
     plots: list[str],
     notes: Iterable[str] = (),
+    epochs: Iterable[dict] = (),
 ) -> Path:
     """Write report.md (atomically) and return its path.
 
@@ -269,7 +293,8 @@ def write_report(
     validation split), params, macs, latency_ms (measured at batch ``latency_batch``), seconds;
     all but phase may be None.
     The baseline latency used for the speedup is taken from the row whose phase is
-    "baseline". ``plots`` are file names relative to the report.
+    "baseline". ``plots`` are file names relative to the report. ``epochs``: the metrics.jsonl
+    rows (phase, epoch, seconds, macs), for the table of epoch times.
     """
     _check_keys(summary)
     if isinstance(latency_batch, bool) or not isinstance(latency_batch, int) or latency_batch < 1:
@@ -304,6 +329,7 @@ def write_report(
         "",
         f"Filter fates: {describe(summary)}.",
         "",
+        *_epoch_cost_rows(list(epochs)),
     ]
     notes = list(notes)
     if notes:

@@ -384,7 +384,7 @@ class Run:
             f"{model_title(c.model_name)} x{c.width:g} ({c.preset} preset)", config=c.to_dict(),
             data_source=self.data_source, device=describe_device(self.device, self.autocast_dtype),
             phases=self.state["phases"], latency_batch=c.latency_batch,
-            summary=summary, plots=["curves.png", "filter_fates.png"],
+            summary=summary, plots=["curves.png", "filter_fates.png"], epochs=self.state["metrics"],
             notes=[f"ops backend: {self.backend}",
                    f"{record['removed_filters']} of {record['filters']} filters removed, "
                    f"{record['returns']} returns; latency is the median forward time at batch "

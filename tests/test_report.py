@@ -302,3 +302,20 @@ def test_filter_fates_empty_history(tmp_path):
 def test_filter_fates_rejects_mismatched_steps(tmp_path):
     with pytest.raises(ValueError, match="rows"):
         plot_filter_fates({"conv1": np.zeros((3, 4))}, [1, 2], tmp_path / "x.png")
+
+
+def test_report_times_each_epoch_against_the_baseline_median(tmp_path):
+    epochs = [{"phase": "baseline", "epoch": i + 1, "seconds": s, "macs": 200} for i, s in enumerate((13.0, 11.0, 12.0))]
+    epochs += [{"phase": "attenuation", "epoch": 4, "seconds": 9.0, "macs": 150},
+               {"phase": "finetune", "epoch": 5, "seconds": 6.0, "macs": 50}]
+    text = write_report(
+        tmp_path / "report.md", title="t", config={}, data_source="x", device="cpu",
+        phases=_phases(), latency_batch=64, summary=_summary(), plots=[], epochs=epochs,
+    ).read_text()
+    assert "baseline epochs' median (12.0 s)" in text
+    assert "| 4 | attenuation | 9.0 | 0.75 | 0.75 |" in text
+    assert "| 5 | finetune | 6.0 | 0.50 | 0.25 |" in text
+    assert "| 1 | baseline |" not in text
+    without = write_report(tmp_path / "r2.md", title="t", config={}, data_source="x", device="cpu",
+                           phases=_phases(), latency_batch=64, summary=_summary(), plots=[]).read_text()
+    assert "## Epoch times" not in without
