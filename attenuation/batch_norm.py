@@ -30,8 +30,10 @@ except (ImportError, RuntimeError):  # not built; or built from sources before t
     NATIVE = False
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-# PyTorch's own kernel is as fast or faster where the channels fill its vectors: counts that are a
-# multiple of 16 (measured on the AMD EPYC, bfloat16 and float32, 8 to 128 channels: bench/RESULTS.md)
+# PyTorch's channels-last CPU kernels (BatchNorm, max pool) vectorise along the channels: where the
+# count is a multiple of 16 they are as fast as ours or faster, and ChannelsLastBatchNorm2d and
+# ChannelsLastMaxPool2d leave those counts to them (measured on the AMD EPYC, bfloat16 and float32,
+# 8 to 128 channels: bench/RESULTS.md)
 TORCH_VECTOR_CHANNELS = 16
 
 __all__ = ["ChannelsLastBatchNorm2d", "convert_batch_norms", "NATIVE"]

@@ -66,10 +66,12 @@ class ModelGroups:
 
 
 class _ConvLeafTracer(fx.Tracer):
-    """Keeps every conv and BatchNorm (our subclasses included) as one call_module node."""
+    """Keeps every conv, BatchNorm and max pool (our drop-in subclasses included) as one
+    call_module node."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, (nn.Conv2d, nn.BatchNorm2d)) or super().is_leaf_module(module, qualified_name)
+        return (isinstance(module, (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d))
+                or super().is_leaf_module(module, qualified_name))
 
 
 # ---------------------------------------------------------------- channel groups (find_groups)

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from . import plots, report
-from .batch_norm import convert_batch_norms
+from .channels_last import as_channels_last
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import PHASES, RunConfig, baseline_key, complete_config
 from .data import CIFAR10, DeviceLoader, find_cifar10, hold_out, load_cifar10, subset
@@ -122,10 +122,10 @@ class Run:
         return data
 
     def _to_device(self, model: nn.Module) -> nn.Module:
-        """``model`` on the run's device, channels-last, with BatchNorms that are fast there for
-        any channel count (ChannelsLastBatchNorm2d: the pruned counts)."""
-        model = convert_batch_norms(model.to(self.device))
-        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+        """``model`` on the run's device, channels-last with the BatchNorm and max pool that are
+        fast there for any channel count (as_channels_last: the pruned counts)."""
+        model = model.to(self.device)
+        return as_channels_last(model) if self.channels_last else model
 
     def _make_pruner(self) -> Pruner:
         c = self.config

@@ -224,3 +224,34 @@ def test_batch_norm_forward_backward(benchmark, device, impl, layer, dtype):
     benchmark.extra_info.update(impl=impl, layer=layer, channels=channels, size=size, dtype=dtype,
                                 device=str(device), bytes=8 * x.numel() * x.element_size())
     benchmark(step)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("layer", list(BATCH_NORM_LAYERS))
+@pytest.mark.parametrize("impl", ["native", "torch_max_pool2d"])
+def test_max_pool_forward_backward(benchmark, device, impl, layer, dtype):
+    """The 2x2 max pool with stride 2 on channels-last activations, forward + backward: the native
+    ops (attenuation.max_pool, CPU) against PyTorch's kernel, at the BatchNorm benchmark's shapes.
+    ``bytes``: a read of x and a write of the output and its window codes, a read of the gradient
+    and the codes and a write of the input's gradient."""
+    from attenuation.max_pool import NATIVE
+    if device.type != "cpu":
+        pytest.skip("the native max pool is a CPU op")
+    if impl == "native" and not NATIVE:
+        pytest.skip("the native extension was built without the max pool ops")
+    channels, size = BATCH_NORM_LAYERS[layer]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, channels, size, size, generator=g).to(getattr(torch, dtype))
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn(256, channels, size // 2, size // 2, generator=g).to(x.dtype)
+    grad = grad.contiguous(memory_format=torch.channels_last)
+    _ops = torch.ops.attenuation
+
+    def step():
+        y = _ops.max_pool2x2(x)[0] if impl == "native" else F.max_pool2d(x, 2)
+        torch.autograd.grad(y, x, grad)
+
+    size_bytes = x.numel() * x.element_size()
+    benchmark.extra_info.update(impl=impl, layer=layer, channels=channels, size=size, dtype=dtype,
+                                device=str(device), bytes=2 * size_bytes + size_bytes // 2 + x.numel() // 2)
+    benchmark(step)

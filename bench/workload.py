@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attenuation import ops
-from attenuation.batch_norm import convert_batch_norms
+from attenuation.channels_last import as_channels_last
 from attenuation.methods import method_config
 from attenuation.models import vgg
 from attenuation.ops.backends import default_backend
@@ -61,10 +61,9 @@ def vgg_model(settings: Settings, device: torch.device, seed: int = 0) -> nn.Mod
 
 
 def as_trained(model: nn.Module) -> nn.Module:
-    """``model`` as ``attenuation run`` keeps every network: channels-last weights (also after
-    removal, whose sliced weights come out in the default layout) and BatchNorms that are fast for
-    any channel count on the CPU (convert_batch_norms)."""
-    return convert_batch_norms(model).to(memory_format=torch.channels_last)
+    """``model`` as ``attenuation run`` keeps every network (also after removal, whose sliced
+    weights come out in the default layout): attenuation.channels_last.as_channels_last."""
+    return as_channels_last(model)
 
 
 def cifar_batch(batch: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,4 +43,8 @@ TORCH_LIBRARY(attenuation, m) {
   m.def(
       "batch_norm_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor mean, Tensor var, float eps, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // 2x2 max pooling with stride 2 of channels-last activations (CPU; attenuation/max_pool.py):
+  // (out, codes), codes (uint8) naming each output's window position for the backward.
+  m.def("max_pool2x2(Tensor x) -> (Tensor, Tensor)");
+  m.def("max_pool2x2_backward(Tensor grad_out, Tensor codes, int[] x_size) -> Tensor");
 }
