@@ -40,7 +40,7 @@ OPTIONAL = {"tests": "--tests", "e2e_paper_epoch": "--paper-epoch", "e2e_quick":
 GPU_ONLY = {"e2e_smoke_triton": "the triton backend runs on a GPU (on a CPU only under Triton's interpreter)"}
 # Deadline of each step in seconds, on a CPU and on a GPU; the budget left may cut it shorter.
 CAPS = {
-    "build": (300, 240), "tests": (420, 150), "peak": (60, 30), "kernels": (300, 150),
+    "build": (300, 240), "tests": (420, 150), "peak": (60, 30), "kernels": (360, 150),
     "overhead": (120, 60), "peers": (150, 90), "removed_latency": (90, 60),
     "e2e_smoke": (120, 60), "e2e_smoke_triton": (0, 120), "e2e_paper_epoch": (600, 120), "e2e_quick": (900, 180),
 }
