@@ -103,3 +103,29 @@ def test_as_channels_last_converts_and_the_model_still_traces():
     assert pools and all(type(m) is ChannelsLastMaxPool2d and m.kernel_size == 2 for m in pools)
     assert [g.n_channels for g in find_groups(model).groups] == groups  # pools stay leaves
     assert model.features[0].weight.is_contiguous(memory_format=CL)
+
+
+@needs_native
+def test_channels_last_network_compiles_with_fullgraph():
+    """A conv -> BatchNorm -> ReLU -> max pool block in its as_channels_last form, with a pruned
+    channel count, under torch.compile(fullgraph=True): the native BatchNorm and max pool trace
+    through their fake kernels and autograd formulas, forward and backward, and agree with eager
+    mode (the running statistics included)."""
+    import copy
+
+    block = nn.Sequential(nn.Conv2d(3, 11, 3, padding=1), nn.BatchNorm2d(11), nn.ReLU(), nn.MaxPool2d(2))
+    models = [as_channels_last(block), as_channels_last(copy.deepcopy(block))]
+    x = _activation((4, 3, 8, 8), torch.float32)
+    assert models[0][1]._native_applies(models[0][0](x), training=True)
+
+    results = []
+    for model, compile_it in zip(models, (True, False)):
+        step = (lambda m: lambda x: m(x).square().sum())(model)
+        fn = torch.compile(step, backend="aot_eager", fullgraph=True) if compile_it else step
+        leaf = x.clone().requires_grad_()
+        loss = fn(leaf)
+        loss.backward()
+        results.append((loss, leaf.grad, model[0].weight.grad, model[1].weight.grad, model[1].running_mean,
+                        model[1].running_var, model[1].num_batches_tracked))
+    for compiled, eager in zip(*results):
+        torch.testing.assert_close(compiled, eager)
