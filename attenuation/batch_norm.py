@@ -16,8 +16,6 @@ without gradients. Anything else, or a build of the extension without these ops,
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn as nn
 from torch import Tensor

@@ -20,13 +20,13 @@ import copy
 
 import torch
 
+from attenuation.channels_last import as_channels_last
 from attenuation.pruner import Pruner
 from attenuation.surgery import remove_filters
 
 from . import section
 from .timing import interleaved, one_shot
-from .workload import (Settings, as_trained, backends_for, cifar_batch, prune_hard, train_step,
-                       vgg_model)
+from .workload import Settings, backends_for, cifar_batch, prune_hard, train_step, vgg_model
 
 UNPRUNED_TARGET = 0.03
 PRUNED_TARGET = 0.15
@@ -47,8 +47,8 @@ def _variants(device: torch.device, settings: Settings, backends: list[str]) -> 
             steps[f"ours@{ratio:g}/{backend}"] = train_step(model, x, y, pruner.step)
         model = copy.deepcopy(base)
         pruner = prune_hard(model, ratio, backends[0])
-        steps[f"compacted@{ratio:g}"] = train_step(as_trained(pruner.compact(model)), x, y, pruner.step)
-        ideal = as_trained(remove_filters(model, pruner.keep_masks()))
+        steps[f"compacted@{ratio:g}"] = train_step(as_channels_last(pruner.compact(model)), x, y, pruner.step)
+        ideal = as_channels_last(remove_filters(model, pruner.keep_masks()))
         steps[f"ideal@{ratio:g}"] = train_step(ideal, x, y)
     return steps
 

@@ -25,13 +25,14 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import prune
 
+from attenuation.channels_last import as_channels_last
 from attenuation.profiling import count_macs, count_parameters
 from attenuation.pruner import Pruner
 from attenuation.surgery import remove_filters
 
 from . import section
 from .timing import interleaved, one_shot
-from .workload import (Settings, as_trained, cifar_batch, hard_pruner, inference, keep_masks,
+from .workload import (Settings, cifar_batch, hard_pruner, inference, keep_masks,
                        prune_hard, train_step, vgg_model)
 
 ONE_SHOT_REPEATS = 3
@@ -117,7 +118,7 @@ class _Job:
         return model
 
     def ours_removed(self) -> nn.Module:
-        return as_trained(remove_filters(self.ours_zeroed(), self.keep))
+        return as_channels_last(remove_filters(self.ours_zeroed(), self.keep))
 
     def torch_pruned(self) -> tuple[nn.Module, bool]:
         model = self.fresh()
@@ -129,7 +130,7 @@ class _Job:
         return model, torch_pruning_graph(model, self.example)
 
     def torch_pruning_removed(self) -> nn.Module:
-        return as_trained(torch_pruning_remove(*self.torch_pruning_ready(), self.keep))
+        return as_channels_last(torch_pruning_remove(*self.torch_pruning_ready(), self.keep))
 
     def step_times(self) -> dict:
         """Setup, prune and remove times (ms) per tool; None where a tool has no such step."""

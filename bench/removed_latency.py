@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import torch
 
+from attenuation.channels_last import as_channels_last
 from attenuation.profiling import count_macs, count_parameters
 from attenuation.surgery import remove_filters
 
 from . import section
 from .timing import interleaved
-from .workload import Settings, as_trained, cifar_batch, inference, keep_masks, vgg_model
+from .workload import Settings, cifar_batch, inference, keep_masks, vgg_model
 
 ROUNDINGS = (1, 8)
 
@@ -24,7 +25,7 @@ def _networks(settings: Settings, device: torch.device) -> dict:
         keep = keep_masks(base, ratio)
         for round_to in ROUNDINGS:
             removed = remove_filters(base, keep, round_to=round_to)
-            networks[f"{ratio:g}/round{round_to}"] = as_trained(removed)
+            networks[f"{ratio:g}/round{round_to}"] = as_channels_last(removed)
     return networks
 
 

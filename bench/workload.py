@@ -55,15 +55,10 @@ def settings_for(device: torch.device, quick: bool) -> Settings:
 
 
 def vgg_model(settings: Settings, device: torch.device, seed: int = 0) -> nn.Module:
-    """A freshly initialised VGG (plain nn.Conv2d) on ``device``, as runs keep it (as_trained)."""
+    """A freshly initialised VGG (plain nn.Conv2d) on ``device``, as runs keep every network
+    (as_channels_last; also after removal, whose sliced weights come out in the default layout)."""
     torch.manual_seed(seed)
-    return as_trained(vgg(settings.depth, settings.width).to(device))
-
-
-def as_trained(model: nn.Module) -> nn.Module:
-    """``model`` as ``attenuation run`` keeps every network (also after removal, whose sliced
-    weights come out in the default layout): attenuation.channels_last.as_channels_last."""
-    return as_channels_last(model)
+    return as_channels_last(vgg(settings.depth, settings.width).to(device))
 
 
 def cifar_batch(batch: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
