@@ -20,19 +20,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-try:
-    from attenuation import _C  # noqa: F401  (loading it registers the ops)
-    _ops = torch.ops.attenuation
-    NATIVE = torch._C._dispatch_has_kernel_for_dispatch_key("attenuation::batch_norm_train", "CPU")
-except (ImportError, RuntimeError):  # not built; or built from sources before these ops
-    NATIVE = False
+from .cpu_layers import has_cpu_kernel, native_input
 
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-# PyTorch's channels-last CPU kernels (BatchNorm, max pool) vectorise along the channels: where the
-# count is a multiple of 16 they are as fast as ours or faster, and ChannelsLastBatchNorm2d and
-# ChannelsLastMaxPool2d leave those counts to them (measured on the AMD EPYC, bfloat16 and float32,
-# 8 to 128 channels: bench/RESULTS.md)
-TORCH_VECTOR_CHANNELS = 16
+NATIVE = has_cpu_kernel("batch_norm_train")
+_ops = torch.ops.attenuation
 
 __all__ = ["ChannelsLastBatchNorm2d", "convert_batch_norms", "NATIVE"]
 
@@ -98,9 +89,7 @@ class ChannelsLastBatchNorm2d(nn.BatchNorm2d):
         return _ops.channel_affine(x, scale, shift)
 
     def _native_applies(self, x: Tensor, training: bool) -> bool:
-        if not (NATIVE and x.device.type == "cpu" and x.dim() == 4 and x.dtype in _DTYPES
-                and x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] == self.num_features
-                and x.shape[1] % TORCH_VECTOR_CHANNELS and x.numel() > 0):
+        if not (NATIVE and native_input(x) and x.shape[1] == self.num_features):
             return False
         if training:
             return x.numel() // x.shape[1] > 1  # else nn.BatchNorm2d's own error

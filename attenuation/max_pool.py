@@ -19,16 +19,10 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-from .batch_norm import TORCH_VECTOR_CHANNELS
+from .cpu_layers import has_cpu_kernel, native_input
 
-try:
-    from attenuation import _C  # noqa: F401  (loading it registers the ops)
-    _ops = torch.ops.attenuation
-    NATIVE = torch._C._dispatch_has_kernel_for_dispatch_key("attenuation::max_pool2x2", "CPU")
-except (ImportError, RuntimeError):  # not built; or built from sources before these ops
-    NATIVE = False
-
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+NATIVE = has_cpu_kernel("max_pool2x2")
+_ops = torch.ops.attenuation
 
 __all__ = ["ChannelsLastMaxPool2d", "convert_max_pools", "NATIVE"]
 
@@ -68,10 +62,7 @@ class ChannelsLastMaxPool2d(nn.MaxPool2d):
         stride = self.kernel_size if self.stride is None else self.stride
         return (NATIVE and _pair(self.kernel_size) == (2, 2) and _pair(stride) == (2, 2)
                 and _pair(self.padding) == (0, 0) and _pair(self.dilation) == (1, 1) and not self.ceil_mode
-                and not self.return_indices and x.device.type == "cpu" and x.dim() == 4
-                and x.dtype in _DTYPES and x.is_contiguous(memory_format=torch.channels_last)
-                and x.shape[1] % TORCH_VECTOR_CHANNELS and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0
-                and x.numel() > 0)
+                and not self.return_indices and native_input(x) and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0)
 
 
 def convert_max_pools(model: nn.Module) -> nn.Module:

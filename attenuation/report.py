@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -249,11 +250,10 @@ def _epoch_cost_rows(epochs: list[dict]) -> list[str]:
     """Each epoch after the baseline against the baseline epochs' median time, next to its MACs as
     a fraction of the first epoch's (at the epoch's end): what pruning makes training cost. Empty
     without baseline epochs."""
-    baseline = sorted(row["seconds"] for row in epochs if row["phase"] == "baseline")
+    baseline = [row["seconds"] for row in epochs if row["phase"] == "baseline"]
     if not baseline or not epochs[0].get("macs"):
         return []
-    middle = len(baseline) // 2
-    median = baseline[middle] if len(baseline) % 2 else (baseline[middle - 1] + baseline[middle]) / 2
+    median = statistics.median(baseline)
     full_macs = epochs[0]["macs"]
     lines = ["## Epoch times", "",
              f"Each epoch after the baseline against the baseline epochs' median ({median:.1f} s), and its "

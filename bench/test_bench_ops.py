@@ -191,6 +191,23 @@ BATCH_NORM_LAYERS = {"q16x32": (16, 32), "q32x16": (32, 16), "q64x8": (64, 8), "
                      "p10x32": (10, 32), "p21x16": (21, 16), "p42x8": (42, 8), "p83x4": (83, 4)}
 
 
+def _cpu_layer_or_skip(device, impl: str, native: bool, what: str) -> None:
+    if device.type != "cpu":
+        pytest.skip(f"the native {what} is a CPU op (cuDNN's is fast for any channel count)")
+    if impl == "native" and not native:
+        pytest.skip(f"the native extension was built without the {what} ops")
+
+
+def _channels_last_batch(layer: str, dtype: str, g: torch.Generator, grad_size: int) -> tuple:
+    """A channels-last activation of ``layer`` at batch 256 (requiring grad) and a gradient of its
+    channels at ``grad_size`` x ``grad_size``."""
+    channels, size = BATCH_NORM_LAYERS[layer]
+    x = torch.randn(256, channels, size, size, generator=g).to(getattr(torch, dtype))
+    grad = torch.randn(256, channels, grad_size, grad_size, generator=g).to(x.dtype)
+    return (x.contiguous(memory_format=torch.channels_last).requires_grad_(),
+            grad.contiguous(memory_format=torch.channels_last))
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("layer", list(BATCH_NORM_LAYERS))
 @pytest.mark.parametrize("impl", ["native", "torch_batch_norm"])
@@ -201,15 +218,10 @@ def test_batch_norm_forward_backward(benchmark, device, impl, layer, dtype):
     for the statistics, one read and a write for the output, two reads of x and of the gradient
     and a write for the backward."""
     from attenuation.batch_norm import NATIVE
-    if device.type != "cpu":
-        pytest.skip("the native BatchNorm is a CPU op (cuDNN's is fast for any channel count)")
-    if impl == "native" and not NATIVE:
-        pytest.skip("the native extension was built without the BatchNorm ops")
+    _cpu_layer_or_skip(device, impl, NATIVE, "BatchNorm")
     channels, size = BATCH_NORM_LAYERS[layer]
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(256, channels, size, size, generator=g).to(getattr(torch, dtype))
-    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
-    grad = torch.randn(x.shape, generator=g).to(x.dtype).contiguous(memory_format=torch.channels_last)
+    x, grad = _channels_last_batch(layer, dtype, g, size)
     weight, bias = torch.rand(channels, generator=g).add(0.5), torch.randn(channels, generator=g)
     weight.requires_grad_(), bias.requires_grad_()
     _ops = torch.ops.attenuation
@@ -235,16 +247,9 @@ def test_max_pool_forward_backward(benchmark, device, impl, layer, dtype):
     ``bytes``: a read of x and a write of the output and its window codes, a read of the gradient
     and the codes and a write of the input's gradient."""
     from attenuation.max_pool import NATIVE
-    if device.type != "cpu":
-        pytest.skip("the native max pool is a CPU op")
-    if impl == "native" and not NATIVE:
-        pytest.skip("the native extension was built without the max pool ops")
+    _cpu_layer_or_skip(device, impl, NATIVE, "max pool")
     channels, size = BATCH_NORM_LAYERS[layer]
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(256, channels, size, size, generator=g).to(getattr(torch, dtype))
-    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
-    grad = torch.randn(256, channels, size // 2, size // 2, generator=g).to(x.dtype)
-    grad = grad.contiguous(memory_format=torch.channels_last)
+    x, grad = _channels_last_batch(layer, dtype, torch.Generator().manual_seed(0), size // 2)
     _ops = torch.ops.attenuation
 
     def step():

@@ -13,7 +13,6 @@
 // (GCC's target_clones); they run on one thread (the extension is built without OpenMP; the data
 // of one layer is a few MB and the passes are memory-bound).
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -24,29 +23,12 @@
 #include <tuple>
 #include <vector>
 
+#include "channels_last_loops.h"
+
 namespace attenuation {
 namespace {
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define ATTENUATION_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define ATTENUATION_ISA_CLONES
-#endif
-#define ATTENUATION_INLINE inline __attribute__((always_inline))
-
-// Element loads and stores through the accumulation type (float; double for double tensors).
-// bfloat16 converts by bit operations (round to nearest even) so that the loops vectorise.
-ATTENUATION_INLINE float load(const float* p, int64_t i) { return p[i]; }
-ATTENUATION_INLINE double load(const double* p, int64_t i) { return p[i]; }
-ATTENUATION_INLINE float load(const c10::Half* p, int64_t i) { return static_cast<float>(p[i]); }
-ATTENUATION_INLINE float load(const c10::BFloat16* p, int64_t i) {
-  uint16_t half;
-  std::memcpy(&half, p + i, sizeof(half));
-  const uint32_t bits = uint32_t{half} << 16;
-  float value;
-  std::memcpy(&value, &bits, sizeof(value));
-  return value;
-}
+// Element stores from the accumulation type; bfloat16 rounds to nearest even by bit operations.
 ATTENUATION_INLINE void store(float* p, int64_t i, float v) { p[i] = v; }
 ATTENUATION_INLINE void store(double* p, int64_t i, double v) { p[i] = v; }
 ATTENUATION_INLINE void store(c10::Half* p, int64_t i, float v) { p[i] = c10::Half(v); }
@@ -159,18 +141,9 @@ ATTENUATION_INLINE void grad_input(const T* dy, const T* x, T* dx, int64_t n, in
 }
 
 // One entry point per pass, compiled per instruction set, with the element type as an argument.
-#define ATTENUATION_BY_TYPE(type, T, ...)                                                      \
-  switch (type) {                                                                              \
-    case at::kFloat: { using T = float; __VA_ARGS__; break; }                                  \
-    case at::kDouble: { using T = double; __VA_ARGS__; break; }                                \
-    case at::kHalf: { using T = c10::Half; __VA_ARGS__; break; }                               \
-    case at::kBFloat16: { using T = c10::BFloat16; __VA_ARGS__; break; }                       \
-    default: break;                                                                            \
-  }
-
 ATTENUATION_ISA_CLONES void shifted_sums_pass(at::ScalarType type, const void* x, int64_t n, int64_t L,
                                               const void* shift, double* s1, double* s2, void* b1, void* b2) {
-  ATTENUATION_BY_TYPE(type, T, {
+  ATTENUATION_BY_FLOATING_TYPE(type, T, {
     using A = typename Acc<T>::type;
     shifted_sums(static_cast<const T*>(x), n, L, static_cast<const A*>(shift), s1, s2,
                  static_cast<A*>(b1), static_cast<A*>(b2));
@@ -179,7 +152,7 @@ ATTENUATION_ISA_CLONES void shifted_sums_pass(at::ScalarType type, const void* x
 
 ATTENUATION_ISA_CLONES void affine_pass(at::ScalarType type, const void* x, void* y, int64_t n, int64_t L,
                                         const void* a, const void* b) {
-  ATTENUATION_BY_TYPE(type, T, {
+  ATTENUATION_BY_FLOATING_TYPE(type, T, {
     using A = typename Acc<T>::type;
     affine(static_cast<const T*>(x), static_cast<T*>(y), n, L, static_cast<const A*>(a),
            static_cast<const A*>(b));
@@ -189,7 +162,7 @@ ATTENUATION_ISA_CLONES void affine_pass(at::ScalarType type, const void* x, void
 ATTENUATION_ISA_CLONES void grad_sums_pass(at::ScalarType type, const void* dy, const void* x, int64_t n,
                                            int64_t L, const void* mean, double* s1, double* s2, void* b1,
                                            void* b2) {
-  ATTENUATION_BY_TYPE(type, T, {
+  ATTENUATION_BY_FLOATING_TYPE(type, T, {
     using A = typename Acc<T>::type;
     grad_sums(static_cast<const T*>(dy), static_cast<const T*>(x), n, L, static_cast<const A*>(mean),
               s1, s2, static_cast<A*>(b1), static_cast<A*>(b2));
@@ -199,7 +172,7 @@ ATTENUATION_ISA_CLONES void grad_sums_pass(at::ScalarType type, const void* dy, 
 ATTENUATION_ISA_CLONES void grad_input_pass(at::ScalarType type, const void* dy, const void* x, void* dx,
                                             int64_t n, int64_t L, const void* k1, const void* k2,
                                             const void* k3) {
-  ATTENUATION_BY_TYPE(type, T, {
+  ATTENUATION_BY_FLOATING_TYPE(type, T, {
     using A = typename Acc<T>::type;
     grad_input(static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<T*>(dx), n, L,
                static_cast<const A*>(k1), static_cast<const A*>(k2), static_cast<const A*>(k3));
@@ -209,12 +182,7 @@ ATTENUATION_ISA_CLONES void grad_input_pass(at::ScalarType type, const void* dy,
 // ---- the ops ---------------------------------------------------------------------------------
 
 void check_activation(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D (N, C, H, W), got ", t.dim(), " dimensions");
-  TORCH_CHECK(t.is_contiguous(at::MemoryFormat::ChannelsLast), op, ": ", name,
-              " must be channels-last contiguous (x.contiguous(memory_format=torch.channels_last))");
-  const auto type = t.scalar_type();
-  TORCH_CHECK(type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16, op, ": ",
-              name, " must be float32, float64, float16 or bfloat16, got ", type);
+  check_channels_last(op, name, t);
   TORCH_CHECK(t.size(1) > 0, op, ": ", name, " has no channels");
 }
 

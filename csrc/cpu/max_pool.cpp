@@ -18,35 +18,18 @@
 #include <tuple>
 #include <vector>
 
+#include "channels_last_loops.h"
+
 namespace attenuation {
 namespace {
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define ATTENUATION_POOL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define ATTENUATION_POOL_CLONES
-#endif
-#define ATTENUATION_POOL_INLINE inline __attribute__((always_inline))
-
 constexpr int64_t kLanes = 16;
 
-ATTENUATION_POOL_INLINE float value(const float* p, int64_t i) { return p[i]; }
-ATTENUATION_POOL_INLINE double value(const double* p, int64_t i) { return p[i]; }
-ATTENUATION_POOL_INLINE float value(const c10::Half* p, int64_t i) { return static_cast<float>(p[i]); }
-ATTENUATION_POOL_INLINE float value(const c10::BFloat16* p, int64_t i) {
-  uint16_t half;
-  std::memcpy(&half, p + i, sizeof(half));
-  const uint32_t bits = uint32_t{half} << 16;
-  float v;
-  std::memcpy(&v, &bits, sizeof(v));
-  return v;
-}
-
-// Stores a value read by `value` back exactly (for bfloat16 its top 16 bits: the value was one).
-ATTENUATION_POOL_INLINE void store_exact(float* p, int64_t i, float v) { p[i] = v; }
-ATTENUATION_POOL_INLINE void store_exact(double* p, int64_t i, double v) { p[i] = v; }
-ATTENUATION_POOL_INLINE void store_exact(c10::Half* p, int64_t i, float v) { p[i] = c10::Half(v); }
-ATTENUATION_POOL_INLINE void store_exact(c10::BFloat16* p, int64_t i, float v) {
+// Stores a value read by `load` back exactly (for bfloat16 its top 16 bits: the value was one).
+ATTENUATION_INLINE void store_exact(float* p, int64_t i, float v) { p[i] = v; }
+ATTENUATION_INLINE void store_exact(double* p, int64_t i, double v) { p[i] = v; }
+ATTENUATION_INLINE void store_exact(c10::Half* p, int64_t i, float v) { p[i] = c10::Half(v); }
+ATTENUATION_INLINE void store_exact(c10::BFloat16* p, int64_t i, float v) {
   uint32_t bits;
   std::memcpy(&bits, &v, sizeof(bits));
   const uint16_t half = static_cast<uint16_t>(bits >> 16);
@@ -57,8 +40,8 @@ ATTENUATION_POOL_INLINE void store_exact(c10::BFloat16* p, int64_t i, float v) {
 // takes it (a later value wins when greater or NaN), and its code (0: top left, 1: top right,
 // 2: bottom left, 3: bottom right).
 template <typename T>
-ATTENUATION_POOL_INLINE void window(const T* top, const T* bottom, int64_t C, int64_t k, T* out, uint8_t* code) {
-  const auto a = value(top, k), b = value(top, k + C), c = value(bottom, k), d = value(bottom, k + C);
+ATTENUATION_INLINE void window(const T* top, const T* bottom, int64_t C, int64_t k, T* out, uint8_t* code) {
+  const auto a = load(top, k), b = load(top, k + C), c = load(bottom, k), d = load(bottom, k + C);
   auto best = a;
   uint8_t at = 0;
   const bool take_b = b > best || b != b;
@@ -77,7 +60,7 @@ ATTENUATION_POOL_INLINE void window(const T* top, const T* bottom, int64_t C, in
 // Output pixels [p0, p1) of an (N * Ho) x Wo grid; `safe` pixels (all but the last few) are done in
 // whole blocks of kLanes channels.
 template <typename T>
-ATTENUATION_POOL_INLINE void pool_pixels(const T* x, T* y, uint8_t* codes, int64_t rows, int64_t Wo, int64_t C,
+ATTENUATION_INLINE void pool_pixels(const T* x, T* y, uint8_t* codes, int64_t rows, int64_t Wo, int64_t C,
                                          int64_t safe) {
   const int64_t W = 2 * Wo, blocks = (C + kLanes - 1) / kLanes;
   const int64_t total = rows * Wo;
@@ -105,12 +88,12 @@ ATTENUATION_POOL_INLINE void pool_pixels(const T* x, T* y, uint8_t* codes, int64
 // All ones where the gradient goes to this position, else zero: a mask, not a branch (the codes
 // are as random as the data, and a branch per element mispredicts half the time).
 template <typename U>
-ATTENUATION_POOL_INLINE U routed(uint8_t code, uint8_t position) {
+ATTENUATION_INLINE U routed(uint8_t code, uint8_t position) {
   return static_cast<U>(U{0} - static_cast<U>(code == position));
 }
 
 template <typename U>
-ATTENUATION_POOL_INLINE void unpool_pixels(const U* g, const uint8_t* codes, U* dx, int64_t rows, int64_t Wo,
+ATTENUATION_INLINE void unpool_pixels(const U* g, const uint8_t* codes, U* dx, int64_t rows, int64_t Wo,
                                            int64_t C, int64_t safe) {
   const int64_t W = 2 * Wo, blocks = (C + kLanes - 1) / kLanes;
   for (int64_t r = 0; r < rows; ++r) {
@@ -143,21 +126,12 @@ ATTENUATION_POOL_INLINE void unpool_pixels(const U* g, const uint8_t* codes, U* 
   }
 }
 
-#define ATTENUATION_POOL_BY_TYPE(type, T, ...)                                                   \
-  switch (type) {                                                                                \
-    case at::kFloat: { using T = float; __VA_ARGS__; break; }                                    \
-    case at::kDouble: { using T = double; __VA_ARGS__; break; }                                  \
-    case at::kHalf: { using T = c10::Half; __VA_ARGS__; break; }                                 \
-    case at::kBFloat16: { using T = c10::BFloat16; __VA_ARGS__; break; }                         \
-    default: break;                                                                              \
-  }
-
-ATTENUATION_POOL_CLONES void pool_pass(at::ScalarType type, const void* x, void* y, uint8_t* codes, int64_t rows,
+ATTENUATION_ISA_CLONES void pool_pass(at::ScalarType type, const void* x, void* y, uint8_t* codes, int64_t rows,
                                        int64_t Wo, int64_t C, int64_t safe) {
-  ATTENUATION_POOL_BY_TYPE(type, T, pool_pixels(static_cast<const T*>(x), static_cast<T*>(y), codes, rows, Wo, C, safe))
+  ATTENUATION_BY_FLOATING_TYPE(type, T, pool_pixels(static_cast<const T*>(x), static_cast<T*>(y), codes, rows, Wo, C, safe))
 }
 
-ATTENUATION_POOL_CLONES void unpool_pass(int64_t element_size, const void* g, const uint8_t* codes, void* dx,
+ATTENUATION_ISA_CLONES void unpool_pass(int64_t element_size, const void* g, const uint8_t* codes, void* dx,
                                          int64_t rows, int64_t Wo, int64_t C, int64_t safe) {
   switch (element_size) {
     case 2: return unpool_pixels(static_cast<const uint16_t*>(g), codes, static_cast<uint16_t*>(dx), rows, Wo, C, safe);
@@ -177,22 +151,13 @@ int64_t safe_pixels(int64_t total, int64_t C) {
   return std::max<int64_t>(0, total - spill_pixels);
 }
 
-void check_pool_input(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D (N, C, H, W), got ", t.dim(), " dimensions");
-  TORCH_CHECK(t.is_contiguous(at::MemoryFormat::ChannelsLast), op, ": ", name,
-              " must be channels-last contiguous (x.contiguous(memory_format=torch.channels_last))");
-  const auto type = t.scalar_type();
-  TORCH_CHECK(type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16, op, ": ",
-              name, " must be float32, float64, float16 or bfloat16, got ", type);
-}
-
 }  // namespace
 
 // (out, codes): out = F.max_pool2d(x, 2); codes (uint8, channels-last like out) name each
 // output's window position (0-3), for the backward.
 std::tuple<at::Tensor, at::Tensor> max_pool2x2_cpu(const at::Tensor& x) {
   constexpr const char* op = "max_pool2x2";
-  check_pool_input(op, "x", x);
+  check_channels_last(op, "x", x);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   TORCH_CHECK(H % 2 == 0 && W % 2 == 0 && H > 0 && W > 0, op, ": H and W must be even and positive, got ", H,
               "x", W);
@@ -220,7 +185,7 @@ at::Tensor max_pool2x2_backward_cpu(const at::Tensor& grad_out_in, const at::Ten
   TORCH_CHECK(codes_in.scalar_type() == at::kByte, op, ": codes must be uint8, got ", codes_in.scalar_type());
   const at::Tensor grad_out = grad_out_in.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor codes = codes_in.contiguous(at::MemoryFormat::ChannelsLast);
-  check_pool_input(op, "grad_out", grad_out);
+  check_channels_last(op, "grad_out", grad_out);
   at::Tensor grad_x = at::empty(x_size, grad_out.options().memory_format(at::MemoryFormat::ChannelsLast));
   const int64_t rows = N * (H / 2), Wo = W / 2;
   if (grad_x.numel() > 0) {
