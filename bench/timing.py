@@ -14,7 +14,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed_ms(fn: Callable[[], object], device: torch.device) -> float:
+def timed_ms(fn: Callable[[], object], device: torch.device) -> float:
     synchronize(device)
     start = time.perf_counter()
     fn()
@@ -49,7 +49,7 @@ def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warm
     times: dict[str, list[float]] = {name: [] for name in fns if name not in failed}
     for _ in range(repeats):
         for name in times:
-            times[name].append(_timed_ms(fns[name], device))
+            times[name].append(timed_ms(fns[name], device))
     return {**{name: summarize(ts) for name, ts in times.items()}, **failed}
 
 
@@ -62,5 +62,5 @@ def one_shot(setup: Callable[[], object], fn: Callable[[object], object], device
     times = []
     for _ in range(repeats):
         state = setup()
-        times.append(_timed_ms(lambda: fn(state), device))
+        times.append(timed_ms(lambda: fn(state), device))
     return summarize(times)
