@@ -7,7 +7,8 @@ from .criteria import available_criteria, register_criterion
 from .layers import ModelGroups, find_groups
 from .methods import available_methods, method_config
 from .modules import AttenuatedConv2d, convert_model
-from .pruner import Pruner, PruningConfig
+from .pruner import Pruner
+from .pruning_config import PruningConfig
 
 __version__ = "0.1.0"
 

@@ -11,7 +11,7 @@ from .config import PHASES, PRESETS, RunConfig, preset_config
 from .criteria import available_criteria
 from .devices import PRECISIONS
 from .layout import GROUP_REDUCTIONS
-from .pruner import ATTENUATE_TARGETS
+from .pruning_config import ATTENUATE_TARGETS
 from .methods import available_methods
 from .models import VGG_CONFIGS, available_models
 from .schedule import RAMPS

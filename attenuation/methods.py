@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .overrides import apply_overrides
-from .pruner import PruningConfig
+from .pruning_config import PruningConfig
 
 METHODS: dict[str, dict] = {
     # Filter attenuation: weak filters shrink by `factor` per step; removed once below `eps`

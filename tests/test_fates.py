@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from attenuation.fates import FateStatistics, describe, fate_statistics, returns_per_filter
 from attenuation.methods import method_config
-from attenuation.pruner import Pruner, PruningConfig
+from attenuation import Pruner, PruningConfig
 
 A, W, R = 0, 1, 2
 # Columns are filters, rows the status after attenuation steps 1-3, then the end-of-phase row:

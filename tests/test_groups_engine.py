@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from attenuation import ops
 from attenuation.layers import find_groups
 from attenuation.methods import method_config
-from attenuation.pruner import Pruner, PruningConfig
+from attenuation import Pruner, PruningConfig
 
 A, W, R = ops.ACTIVE, ops.WEAK, ops.REMOVED
 

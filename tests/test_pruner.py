@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from attenuation import ops
 from attenuation.criteria import available_criteria, register_criterion
 from attenuation.methods import METHODS, method_config
-from attenuation.pruner import Pruner, PruningConfig
+from attenuation import Pruner, PruningConfig
 
 
 def _net(width=8):

@@ -12,7 +12,7 @@ from attenuation import ops
 from attenuation.criteria import CriterionContext, get_criterion, register_criterion
 from attenuation.fates import fate_statistics
 from attenuation.ops import reference
-from attenuation.pruner import Pruner, PruningConfig
+from attenuation import Pruner, PruningConfig
 from attenuation.schedule import ramp_ratio, weak_count
 
 ACTIVE, WEAK, REMOVED = ops.ACTIVE, ops.WEAK, ops.REMOVED

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from attenuation import ops
-from attenuation.pruner import Pruner, PruningConfig
+from attenuation import Pruner, PruningConfig
 from attenuation.surgery import remove_filters
 
 ACTIVE, WEAK, REMOVED = ops.ACTIVE, ops.WEAK, ops.REMOVED

@@ -534,7 +534,7 @@ def _net(width=6):
 @pytest.mark.slow
 @pytest.mark.parametrize("reversible", [False, True])
 def test_pruner_on_the_triton_backend_matches_the_reference(reversible):
-    from attenuation.pruner import Pruner, PruningConfig
+    from attenuation import Pruner, PruningConfig
     config = PruningConfig(criterion="l2", ratio=0.5, factor=0.5, eps=0.1, interval=2, ramp="linear",
                            reversible=reversible)
     runs = {}
