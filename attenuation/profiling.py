@@ -1,4 +1,5 @@
-"""Model cost: parameter count, multiply-accumulates per image, measured latency."""
+"""Model cost: parameter count, multiply-accumulates per image, measured latency, and forward and
+training-step times of several models measured in turns."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .train import autocast_for
 
-__all__ = ["count_parameters", "count_macs", "measure_latency"]
+__all__ = ["count_parameters", "count_macs", "measure_latency", "time_in_turns"]
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -153,3 +155,79 @@ def measure_latency(model: nn.Module, batch_size: int = 256, input_size=(3, 32, 
             times_ms.append((time.perf_counter() - start) * 1e3)
     return {"median_ms": statistics.median(times_ms), "min_ms": min(times_ms),
             "batch_size": batch_size, "device": str(device)}
+
+
+def time_in_turns(models: dict[str, nn.Module], batch_size: int = 256, input_size=(3, 32, 32),
+                  warmup: int = 2, repeats: int = 10, channels_last: bool = False,
+                  autocast_dtype: torch.dtype | None = None, seed: int = 0) -> dict[str, dict]:
+    """Per model, the median time of an eval-mode forward pass and of one training step (forward,
+    cross-entropy on random labels, backward, an SGD step with Nesterov momentum and weight decay)
+    on a random batch, in milliseconds: ``{name: {"forward_ms", "train_step_ms"}}``.
+
+    The models take turns (a, b, a, b, ...), so that a change of the machine's speed during the
+    measurement falls on all of them alike and their ratios stay honest; a shared machine's speed
+    can drift by tens of percent within minutes. Copies are timed: the models, their BatchNorm
+    statistics and the global random state are left as they were. All must be on one device and
+    map a batch of ``input_size`` to class scores."""
+    if not models:
+        raise ValueError("time_in_turns needs at least one model")
+    input_size = _check_sizes("input_size", input_size)
+    _check_sizes("batch_size", (batch_size,))
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    placed = {name: _device_and_dtype(model) for name, model in models.items()}
+    device, dtype = next(iter(placed.values()))
+    others = [name for name, (d, _) in placed.items() if not _same_device(d, device)]
+    if others:
+        raise ValueError(f"time_in_turns needs the models on one device: {', '.join(others)} not on {device}")
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch_size, *input_size), generator=generator, dtype=dtype).to(device)
+    memory_format = torch.channels_last if channels_last and x.dim() == 4 else torch.contiguous_format
+    x = x.contiguous(memory_format=memory_format)
+    copies = {name: copy.deepcopy(model).to(memory_format=memory_format) for name, model in models.items()}
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def forward(model: nn.Module) -> None:
+        model.eval()
+        with torch.no_grad(), autocast_for(device, autocast_dtype):
+            model(x)
+
+    with torch.no_grad(), autocast_for(device, autocast_dtype):
+        classes = copies[next(iter(copies))].eval()(x).shape[1]
+    y = torch.randint(0, classes, (batch_size,), generator=generator).to(device)
+    optimizers = {name: torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True,
+                                        weight_decay=5e-4) for name, model in copies.items()}
+
+    def train_step(name: str) -> None:
+        model = copies[name]
+        model.train()
+        with autocast_for(device, autocast_dtype):
+            loss = F.cross_entropy(model(x), y)
+        optimizers[name].zero_grad(set_to_none=True)
+        loss.backward()
+        optimizers[name].step()
+
+    def timed(fn) -> float:
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        return (time.perf_counter() - start) * 1e3
+
+    times = {name: {"forward_ms": [], "train_step_ms": []} for name in copies}
+    # dropout draws from the global generators: their state is restored afterwards
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for turn in range(warmup + repeats):
+            for name, model in copies.items():
+                forward_ms = timed(lambda: forward(model))
+                step_ms = timed(lambda: train_step(name))
+                if turn >= warmup:
+                    times[name]["forward_ms"].append(forward_ms)
+                    times[name]["train_step_ms"].append(step_ms)
+    return {name: {key: statistics.median(values) for key, values in kinds.items()}
+            for name, kinds in times.items()}

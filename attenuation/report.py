@@ -14,6 +14,7 @@ from .files import atomic_write_text
 __all__ = [
     "SUMMARY_KEYS",
     "SECTION_KEYS",
+    "SPEED_KEYS",
     "PHASE_KEYS",
     "format_count",
     "make_summary",
@@ -28,6 +29,12 @@ _SECTION_TYPES: dict[str, type] = {"accuracy": float, "params": int, "macs": int
                                    "val_accuracy": float}
 _SECTION_OPTIONAL = ("latency_ms", "val_accuracy")
 SECTION_KEYS = tuple(_SECTION_TYPES)
+# summary.json's "speed": the unpruned and the pruned network's forward pass and training step,
+# timed in turns at the end of the run (profiling.time_in_turns), so that their ratio is free of
+# the machine's drift between the phases.
+_SPEED_TYPES: dict[str, type] = {"batch_size": int, "baseline_forward_ms": float, "pruned_forward_ms": float,
+                                 "baseline_train_step_ms": float, "pruned_train_step_ms": float}
+SPEED_KEYS = tuple(_SPEED_TYPES)
 
 # The exact summary.json schema: top-level key -> its sub-keys (None for a scalar).
 # Iterating yields the top-level keys in the order they are written.
@@ -40,6 +47,7 @@ SUMMARY_KEYS: dict[str, tuple[str, ...] | None] = {
     "wall_seconds": None,
     "baseline": SECTION_KEYS,
     "pruned": SECTION_KEYS,
+    "speed": SPEED_KEYS,
     "returns": None,
     "removed_filters": None,
     # fate statistics (attenuation/fates.py; docs/METHOD.md, "Fate statistics")
@@ -119,6 +127,7 @@ def make_summary(
     wall_seconds: float,
     baseline: dict,
     pruned: dict,
+    speed: dict,
     returns: int,
     removed_filters: int,
     kept_returns: int,
@@ -130,7 +139,8 @@ def make_summary(
 
     ``baseline`` and ``pruned`` need every ``SECTION_KEYS`` key: accuracy/params/macs, latency_ms
     (None when not measured) and val_accuracy (None without a validation split); extra keys in
-    either are ignored. Accuracies are in percent. The last four are
+    either are ignored. ``speed`` needs every ``SPEED_KEYS`` key, times positive. Accuracies are
+    in percent. The last four are
     :class:`attenuation.fates.FateStatistics` fields; churn is None without an attenuation step,
     mean_steps_weak_before_removal when no filter was removed.
     """
@@ -143,6 +153,7 @@ def make_summary(
         "wall_seconds": _number("wall_seconds", wall_seconds, float),
         "baseline": _section("baseline", baseline, _SECTION_TYPES, optional=_SECTION_OPTIONAL),
         "pruned": _section("pruned", pruned, _SECTION_TYPES, optional=_SECTION_OPTIONAL),
+        "speed": _section("speed", speed, _SPEED_TYPES),
         "returns": _number("returns", returns, int),
         "removed_filters": _number("removed_filters", removed_filters, int),
         "kept_returns": _number("kept_returns", kept_returns, int),
@@ -152,6 +163,9 @@ def make_summary(
             "mean_steps_weak_before_removal", mean_steps_weak_before_removal, float
         ),
     }
+    for key, value in summary["speed"].items():
+        if not value > 0:
+            raise ValueError(f"speed.{key} must be positive, got {value!r}")
     for part, whole in (("kept_returns", "returns"), ("removed_during_phase", "removed_filters")):
         if not 0 <= summary[part] <= summary[whole]:
             raise ValueError(f"{part} must be in [0, {whole}] = [0, {summary[whole]}], "
@@ -237,18 +251,26 @@ def _comparison(summary: Mapping, baseline_latency_ms: float | None) -> str:
     if base["val_accuracy"] is not None and pruned["val_accuracy"] is not None:
         validation = (f", validation accuracy {pruned['val_accuracy']:.2f}% vs "
                       f"{base['val_accuracy']:.2f}%")
+    speed = summary["speed"]
     return (
         f"Pruned vs baseline: MACs {format_count(pruned['macs'])} vs "
         f"{format_count(base['macs'])} (reduction {reduction('macs')}), parameters "
         f"{format_count(pruned['params'])} vs {format_count(base['params'])} "
         f"(reduction {reduction('params')}), {latency}, accuracy {pruned['accuracy']:.2f}% vs "
-        f"{base['accuracy']:.2f}% ({accuracy_change} points){validation}."
+        f"{base['accuracy']:.2f}% ({accuracy_change} points){validation}. Timed in turns at the "
+        f"end of the run (batch {speed['batch_size']}; the latencies above were measured at each "
+        f"phase's end, minutes apart): forward pass {speed['pruned_forward_ms']:.2f} vs "
+        f"{speed['baseline_forward_ms']:.2f} ms "
+        f"({speed['pruned_forward_ms'] / speed['baseline_forward_ms']:.2f}x the time), training "
+        f"step {speed['pruned_train_step_ms']:.2f} vs {speed['baseline_train_step_ms']:.2f} ms "
+        f"({speed['pruned_train_step_ms'] / speed['baseline_train_step_ms']:.2f}x the time)."
     )
 
 
-def _epoch_cost_rows(epochs: list[dict]) -> list[str]:
+def _epoch_cost_rows(epochs: list[dict], speed: Mapping) -> list[str]:
     """Each epoch after the baseline against the baseline epochs' median time, next to its MACs as
-    a fraction of the first epoch's (at the epoch's end): what pruning makes training cost. Empty
+    a fraction of the first epoch's (at the epoch's end): what pruning makes training cost, with
+    the training steps timed in turns (``speed``) as the figure free of the machine's drift. Empty
     without baseline epochs."""
     baseline = [row["seconds"] for row in epochs if row["phase"] == "baseline"]
     if not baseline or not epochs[0].get("macs"):
@@ -257,7 +279,10 @@ def _epoch_cost_rows(epochs: list[dict]) -> list[str]:
     full_macs = epochs[0]["macs"]
     lines = ["## Epoch times", "",
              f"Each epoch after the baseline against the baseline epochs' median ({median:.1f} s), and its "
-             "live MACs at the epoch's end against the unpruned network's.", "",
+             "live MACs at the epoch's end against the unpruned network's. Epochs minutes apart also "
+             "differ by the machine's drift in speed; the pruned network's training step timed in "
+             f"turns with the unpruned one's took "
+             f"{speed['pruned_train_step_ms'] / speed['baseline_train_step_ms']:.2f}x its time.", "",
              "| epoch | phase | time (s) | x baseline median | live MACs fraction |",
              "| ---: | --- | ---: | ---: | ---: |"]
     for row in epochs:
@@ -329,7 +354,7 @@ def write_report(
         "",
         f"Filter fates: {describe(summary)}.",
         "",
-        *_epoch_cost_rows(list(epochs)),
+        *_epoch_cost_rows(list(epochs), summary["speed"]),
     ]
     notes = list(notes)
     if notes:

@@ -20,7 +20,7 @@ from .devices import check_backend, describe_device, resolve_device, resolve_pre
 from .fates import fate_statistics
 from .files import atomic_write_text, remove_stale_temporaries
 from .models import build_model, create_model, model_title
-from .profiling import count_macs, count_parameters, measure_latency
+from .profiling import count_macs, count_parameters, measure_latency, time_in_turns
 from .pruner import Pruner
 from .surgery import build_pruned, pruned_architecture, remove_filters, save_pruned
 from .train import evaluate, train_epoch
@@ -356,6 +356,18 @@ class Run:
             "phase": phase, "accuracy": accuracy, "val_accuracy": val_accuracy, "params": params,
             "macs": macs, "latency_ms": latency["median_ms"], "seconds": seconds})
 
+    def _speed_in_turns(self) -> dict:
+        """The unpruned and the pruned network's forward pass and training step, timed in turns at
+        the batch of the latencies (report.SPEED_KEYS). The unpruned network is built afresh:
+        its time does not depend on its weights."""
+        with torch.random.fork_rng(devices=[]):  # building it must not perturb training's RNG
+            unpruned = self._to_device(create_model(self.config.model_name, self.config.width))
+        batch = self.config.latency_batch
+        times = time_in_turns({"baseline": unpruned, "pruned": self.model}, batch_size=batch,
+                              channels_last=self.channels_last, autocast_dtype=self.autocast_dtype)
+        return {"batch_size": batch, **{f"{network}_{kind}": value for network, kinds in times.items()
+                                        for kind, value in kinds.items()}}
+
     # ------------------------------------------------------------------ outputs
     def _write_outputs(self) -> dict:
         c, record = self.config, self.state["record"]
@@ -374,6 +386,7 @@ class Run:
             # .get: phase rows of a checkpoint older than the validation split lack val_accuracy
             baseline={k: phases["baseline"].get(k) for k in report.SECTION_KEYS},
             pruned={k: phases["finetune"].get(k) for k in report.SECTION_KEYS},
+            speed=self._speed_in_turns(),
             returns=record["returns"], removed_filters=record["removed_filters"],
             kept_returns=fates.kept_returns, churn=fates.churn,
             removed_during_phase=fates.removed_during_phase,

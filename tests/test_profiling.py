@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from attenuation.models import vgg
-from attenuation.profiling import count_macs, count_parameters, measure_latency
+from attenuation.profiling import count_macs, count_parameters, measure_latency, time_in_turns
 
 
 class LiveConv(nn.Conv2d):
@@ -104,3 +104,34 @@ def test_measure_latency_channels_last_and_autocast():
 def test_measure_latency_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         measure_latency(nn.Linear(3, 3), input_size=(3,), **kwargs)
+
+
+def test_time_in_turns_times_copies_and_leaves_everything_as_it_was():
+    torch.manual_seed(0)
+    big, small = vgg(11, width=0.125), vgg(11, width=0.0625)
+    small.eval()
+    before = {name: [t.clone() for t in m.state_dict().values()] for name, m in (("big", big), ("small", small))}
+    rng = torch.random.get_rng_state()
+    times = time_in_turns({"big": big, "small": small}, batch_size=4, warmup=1, repeats=2,
+                          channels_last=True, autocast_dtype=torch.bfloat16)
+    assert list(times) == ["big", "small"]
+    for kinds in times.values():
+        assert set(kinds) == {"forward_ms", "train_step_ms"}
+        assert all(value > 0 for value in kinds.values())
+    # the models' weights, BatchNorm statistics and modes, and the global generator are untouched
+    for name, model in (("big", big), ("small", small)):
+        assert all(torch.equal(a, b) for a, b in zip(before[name], model.state_dict().values()))
+    assert big.training and not small.training
+    assert big.features[0].weight.is_contiguous()
+    assert torch.equal(rng, torch.random.get_rng_state())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"repeats": 0}, "repeats"), ({"warmup": -1}, "warmup"), ({"batch_size": 0}, "batch_size"),
+    ({"models": {}}, "at least one model"),
+    ({"models": {"a": nn.Linear(3, 3), "b": nn.Linear(3, 3).to("meta")}}, "one device: b"),
+])
+def test_time_in_turns_errors(kwargs, match):
+    models = kwargs.pop("models", {"a": nn.Linear(3, 3)})
+    with pytest.raises(ValueError, match=match):
+        time_in_turns(models, input_size=(3,), **kwargs)

@@ -12,6 +12,7 @@ from attenuation.fates import fate_statistics
 from attenuation.plots import plot_filter_fates, plot_training_curves
 from attenuation.report import (
     SECTION_KEYS,
+    SPEED_KEYS,
     SUMMARY_KEYS,
     format_count,
     make_summary,
@@ -25,13 +26,15 @@ BASELINE = {"accuracy": 93.5, "params": 14_728_266, "macs": 313_207_808, "latenc
             "val_accuracy": None}
 PRUNED = {"accuracy": np.float32(92.1), "params": np.int64(4_100_000), "macs": 87_100_000,
           "latency_ms": torch.tensor(3.1), "val_accuracy": None}
+SPEED = {"batch_size": 64, "baseline_forward_ms": 20.0, "pruned_forward_ms": np.float64(16.0),
+         "baseline_train_step_ms": 64.0, "pruned_train_step_ms": 46.4}
 
 
 def _summary(**overrides):
     kwargs = dict(
         method="attenuation", criterion="l1", ratio=0.5,
         data_source="shared/data/cifar10.npz (JPEG copy)", device="cpu", wall_seconds=123.4,
-        baseline=BASELINE, pruned=PRUNED, returns=np.int64(17), removed_filters=2112,
+        baseline=BASELINE, pruned=PRUNED, speed=SPEED, returns=np.int64(17), removed_filters=2112,
         kept_returns=5, churn=np.float64(3.25), removed_during_phase=2000,
         mean_steps_weak_before_removal=9.125,
     )
@@ -52,9 +55,24 @@ def test_summary_has_exact_keys():
     assert set(summary["pruned"]) == set(SECTION_KEYS) == set(summary["baseline"])
     assert set(summary) == {
         "method", "criterion", "ratio", "data_source", "device", "wall_seconds",
-        "baseline", "pruned", "returns", "removed_filters", "kept_returns", "churn",
+        "baseline", "pruned", "speed", "returns", "removed_filters", "kept_returns", "churn",
         "removed_during_phase", "mean_steps_weak_before_removal",
     }
+    assert list(summary["speed"]) == list(SPEED_KEYS) == list(SPEED)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("pruned_train_step_ms", 0.0, "speed.pruned_train_step_ms must be positive"),
+    ("baseline_forward_ms", float("nan"), "speed.baseline_forward_ms must be finite"),
+    ("batch_size", 2.5, "speed.batch_size must be a whole number"),
+])
+def test_speed_must_be_positive_finite_times(key, value, match):
+    with pytest.raises(ValueError, match=match):
+        _summary(speed={**SPEED, key: value})
+    missing = dict(SPEED)
+    del missing[key]
+    with pytest.raises(ValueError, match=f"speed is missing the key '{key}'"):
+        _summary(speed=missing)
 
 
 def test_summary_casts_to_plain_python_numbers():
@@ -155,6 +173,9 @@ def test_report_contents(tmp_path):
     assert "| finetune | 92.10 | 4.1M | 87.1M | 3.10 | 60.0 |" in text
     assert "not directly comparable" in text
     assert "speedup 3.16x" in text
+    assert ("Timed in turns at the end of the run (batch 64; the latencies above were measured at "
+            "each phase's end, minutes apart): forward pass 16.00 vs 20.00 ms (0.80x the time), "
+            "training step 46.40 vs 64.00 ms (0.72x the time).") in text
     assert "(reduction 72.2%)" in text  # MACs
     assert "−1.40 points" in text
     assert ("Filter fates: 17 returns (5 kept to the end), weak-set churn 3.25 filters a step, "
@@ -313,6 +334,7 @@ def test_report_times_each_epoch_against_the_baseline_median(tmp_path):
         phases=_phases(), latency_batch=64, summary=_summary(), plots=[], epochs=epochs,
     ).read_text()
     assert "baseline epochs' median (12.0 s)" in text
+    assert "training step timed in turns with the unpruned one's took 0.72x its time" in text
     assert "| 4 | attenuation | 9.0 | 0.75 | 0.75 |" in text
     assert "| 5 | finetune | 6.0 | 0.50 | 0.25 |" in text
     assert "| 1 | baseline |" not in text

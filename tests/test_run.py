@@ -53,6 +53,9 @@ def test_smoke_run_writes_every_output(tiny_npz, tmp_path, umask_022):
     assert "| removal |" in report and "npz file" in report
     assert report.startswith(f"# attenuation run: attenuation / {RunConfig.criterion}, ratio 0.35, VGG-11 x0.0625 (smoke preset)")
     assert "latency (ms, batch 8)" in report and "batch 256" not in report
+    # the unpruned and the pruned network timed in turns at the end, at the latencies' batch
+    assert summary["speed"]["batch_size"] == 8 and all(v > 0 for v in summary["speed"].values())
+    assert "Timed in turns at the end of the run (batch 8;" in report
     model = load_pruned(out / "model.pt")
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
