@@ -24,9 +24,10 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def _summary(acc, base_acc=80.0, macs=50, base_macs=200, params=30, base_params=120,
              latency=2.0, base_latency=None, returns=3, wall=10.0, kept=1, churn=2.5, during=7,
-             fates=True, val=None):
+             fates=True, val=None, steps=None):
     """A summary.json; ``fates=False``: one written before the fate statistics existed; without
-    ``val`` as written before the validation split (no val_accuracy)."""
+    ``val`` as written before the validation split (no val_accuracy); ``steps``: the unpruned and
+    the pruned training step in ms, timed in turns (without: written before runs timed them)."""
     baseline = {"accuracy": base_acc, "params": base_params, "macs": base_macs}
     if base_latency is not None:
         baseline["latency_ms"] = base_latency
@@ -39,6 +40,9 @@ def _summary(acc, base_acc=80.0, macs=50, base_macs=200, params=30, base_params=
     if fates:
         summary.update(kept_returns=kept, churn=churn, removed_during_phase=during,
                        mean_steps_weak_before_removal=13.0)
+    if steps is not None:
+        summary["speed"] = {"batch_size": 256, "baseline_forward_ms": 1.0, "pruned_forward_ms": 1.0,
+                            "baseline_train_step_ms": steps[0], "pruned_train_step_ms": steps[1]}
     return summary
 
 
@@ -71,9 +75,9 @@ def test_stat_mean_and_sample_std_by_hand():
 def test_cells_hand_computed():
     records = [
         _record(0, _summary(70.0, base_acc=80.0, macs=50, latency=2.0, base_latency=4.0, wall=10.0,
-                            kept=1, churn=2.0, during=2)),
+                            kept=1, churn=2.0, during=2, steps=(60.0, 40.0))),
         _record(1, _summary(72.0, base_acc=81.0, macs=60, latency=2.0, base_latency=5.0, wall=20.0,
-                            kept=4, churn=3.0, during=8)),
+                            kept=4, churn=3.0, during=8, steps=(64.0, 32.0))),
         _record(2, error="out of memory"),
         _record(0, _summary(60.0, base_acc=80.0, returns=9), method="hard"),
     ]
@@ -90,6 +94,9 @@ def test_cells_hand_computed():
     assert att.stats["params_removed"].mean == pytest.approx(75.0)
     assert att.stats["params_removed"].std == pytest.approx(0.0)
     assert att.stats["latency_ratio"].mean == pytest.approx(2.25)
+    # training-step speed-ups in turns: 60/40 and 64/32
+    assert att.stats["train_step_speedup"].mean == pytest.approx(1.75)
+    assert att.stats["train_step_speedup"].std == pytest.approx(math.sqrt(0.125))
     assert att.stats["wall_seconds"].mean == pytest.approx(15.0)
     assert att.stats["kept_returns"].mean == pytest.approx(2.5)
     assert att.stats["churn"].mean == pytest.approx(2.5)
@@ -100,6 +107,7 @@ def test_cells_hand_computed():
     assert hard.stats["accuracy"].std is None
     assert hard.stats["returns"].mean == 9
     assert hard.stats["latency_ratio"] == Stat(None, None, 0)  # no baseline latency recorded
+    assert hard.stats["train_step_speedup"] == Stat(None, None, 0)  # a run before the in-turn timing
     assert att.best and not hard.best
 
 
@@ -318,6 +326,11 @@ def test_record_json_round_trip_and_validation():
     with pytest.raises(ValueError, match=r"summary.pruned.val_accuracy must be a finite number"):
         TrialRecord("t", record.config, None, "ok", None, _summary(1.0, val=float("nan")))
     TrialRecord("t", record.config, None, "ok", None, _summary(1.0, val=50.0))
+    TrialRecord("t", record.config, None, "ok", None, _summary(1.0, steps=(60.0, 40.0)))
+    with pytest.raises(ValueError, match=r"summary.speed.pruned_train_step_ms must be positive"):
+        TrialRecord("t", record.config, None, "ok", None, _summary(1.0, steps=(60.0, 0.0)))
+    with pytest.raises(ValueError, match=r"summary.speed.baseline_train_step_ms must be a finite number"):
+        TrialRecord("t", record.config, None, "ok", None, _summary(1.0, steps=(float("inf"), 40.0)))
     null_val = _summary(1.0, val=50.0)
     null_val["pruned"]["val_accuracy"] = None  # a run without a split
     TrialRecord("t", record.config, None, "ok", None, null_val)

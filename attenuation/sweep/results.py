@@ -28,6 +28,8 @@ _OPTIONAL_SECTION_KEYS = ("latency_ms", "val_accuracy")
 # mean_steps_weak_before_removal are null where undefined.
 _OPTIONAL_KEYS = ("removed_filters", "kept_returns", "churn", "removed_during_phase",
                  "mean_steps_weak_before_removal")
+# In "speed" (an object, where present): the training steps the tables compare.
+_SPEED_KEYS = ("baseline_train_step_ms", "pruned_train_step_ms")
 
 
 def _check_number(where: str, value, optional: bool = False) -> None:
@@ -58,6 +60,14 @@ def _check_summary(summary) -> None:
         _check_number(f"summary.{key}", summary[key])
     for key in _OPTIONAL_KEYS:
         _check_number(f"summary.{key}", summary.get(key), optional=True)
+    speed = summary.get("speed")  # absent from summaries written before runs timed it
+    if speed is not None:
+        if not isinstance(speed, Mapping):
+            raise ValueError(f"summary.speed must be an object, got {speed!r}")
+        for key in _SPEED_KEYS:
+            _check_number(f"summary.speed.{key}", speed.get(key))
+            if not speed[key] > 0:
+                raise ValueError(f"summary.speed.{key} must be positive, got {speed[key]!r}")
 
 
 def _check_config(config) -> None:

@@ -29,6 +29,8 @@ METRICS = {
     "macs_removed": ("MACs removed (%)", "{:.1f}", True),
     "params_removed": ("params removed (%)", "{:.1f}", True),
     "latency_ratio": ("latency ratio (baseline / pruned)", "{:.2f}x", True),
+    # the unpruned over the pruned network's training step, timed in turns at the run's end
+    "train_step_speedup": ("training-step speed-up (in turns)", "{:.2f}x", True),
     "returns": ("returns", "{:.1f}", False),
     "kept_returns": ("kept returns", "{:.1f}", False),
     "churn": ("weak-set churn (filters/step)", "{:.2f}", False),
@@ -81,6 +83,7 @@ def _trial_metrics(summary: Mapping) -> dict:
     base, pruned = summary["baseline"], summary["pruned"]
     base_latency, pruned_latency = base.get("latency_ms"), pruned.get("latency_ms")
     removed, during = summary.get("removed_filters"), summary.get("removed_during_phase")
+    speed = summary.get("speed")  # absent from summaries written before runs timed it
     return {
         "accuracy": pruned["accuracy"],
         "val_accuracy": pruned.get("val_accuracy"),  # absent from summaries older than the split
@@ -88,6 +91,8 @@ def _trial_metrics(summary: Mapping) -> dict:
         "macs_removed": _percent_removed(base["macs"], pruned["macs"]),
         "params_removed": _percent_removed(base["params"], pruned["params"]),
         "latency_ratio": base_latency / pruned_latency if base_latency and pruned_latency else None,
+        "train_step_speedup": (speed["baseline_train_step_ms"] / speed["pruned_train_step_ms"]
+                               if speed else None),
         "returns": summary["returns"],
         "kept_returns": summary.get("kept_returns"),
         "churn": summary.get("churn"),
@@ -232,7 +237,9 @@ def table_markdown(rows: Sequence[Row]) -> str:
         f"Mean ± sample standard deviation over the seeds of a cell ({DASH} with one seed); "
         "seeds: finished trials, failed: failed trials. Accuracy change is against each trial's "
         "own baseline; MACs and parameters removed are relative to it too. Latency ratio: baseline "
-        f"over pruned latency ({DASH} where the baseline latency was not recorded). Kept returns: "
+        f"over pruned latency ({DASH} where the baseline latency was not recorded), each measured "
+        "at its phase's end; training-step speed-up: the unpruned over the pruned network's "
+        f"training step, timed in turns at the run's end ({DASH} for runs before it). Kept returns: "
         "filters that returned and were not removed; weak-set churn: filters entering or leaving "
         "the weak set per attenuation step; removed during the phase: the share of the removed "
         "filters removed by attenuation steps, the rest at the phase's end (docs/METHOD.md, "
