@@ -112,6 +112,17 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
+def _timed_ms(fn, device: torch.device) -> float:
+    """Wall-clock milliseconds of ``fn()``, with a CUDA device synchronised around it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) * 1e3
+
+
 def measure_latency(model: nn.Module, batch_size: int = 256, input_size=(3, 32, 32),
                     device=None, warmup: int = 3, repeats: int = 10,
                     channels_last: bool = False, autocast_dtype: torch.dtype | None = None
@@ -139,20 +150,12 @@ def measure_latency(model: nn.Module, batch_size: int = 256, input_size=(3, 32, 
         model = copy.deepcopy(model).to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     times_ms = []
     with _eval_mode(model), torch.no_grad(), autocast_for(device, autocast_dtype):
         for _ in range(warmup):
             model(x)
         for _ in range(repeats):
-            sync()
-            start = time.perf_counter()
-            model(x)
-            sync()
-            times_ms.append((time.perf_counter() - start) * 1e3)
+            times_ms.append(_timed_ms(lambda: model(x), device))
     return {"median_ms": statistics.median(times_ms), "min_ms": min(times_ms),
             "batch_size": batch_size, "device": str(device)}
 
@@ -188,10 +191,6 @@ def time_in_turns(models: dict[str, nn.Module], batch_size: int = 256, input_siz
     x = x.contiguous(memory_format=memory_format)
     copies = {name: copy.deepcopy(model).to(memory_format=memory_format) for name, model in models.items()}
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     def forward(model: nn.Module) -> None:
         model.eval()
         with torch.no_grad(), autocast_for(device, autocast_dtype):
@@ -212,20 +211,13 @@ def time_in_turns(models: dict[str, nn.Module], batch_size: int = 256, input_siz
         loss.backward()
         optimizers[name].step()
 
-    def timed(fn) -> float:
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        return (time.perf_counter() - start) * 1e3
-
     times = {name: {"forward_ms": [], "train_step_ms": []} for name in copies}
     # dropout draws from the global generators: their state is restored afterwards
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for turn in range(warmup + repeats):
             for name, model in copies.items():
-                forward_ms = timed(lambda: forward(model))
-                step_ms = timed(lambda: train_step(name))
+                forward_ms = _timed_ms(lambda: forward(model), device)
+                step_ms = _timed_ms(lambda: train_step(name), device)
                 if turn >= warmup:
                     times[name]["forward_ms"].append(forward_ms)
                     times[name]["train_step_ms"].append(step_ms)

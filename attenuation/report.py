@@ -263,8 +263,13 @@ def _comparison(summary: Mapping, baseline_latency_ms: float | None) -> str:
         f"{speed['baseline_forward_ms']:.2f} ms "
         f"({speed['pruned_forward_ms'] / speed['baseline_forward_ms']:.2f}x the time), training "
         f"step {speed['pruned_train_step_ms']:.2f} vs {speed['baseline_train_step_ms']:.2f} ms "
-        f"({speed['pruned_train_step_ms'] / speed['baseline_train_step_ms']:.2f}x the time)."
+        f"({_step_ratio(speed):.2f}x the time)."
     )
+
+
+def _step_ratio(speed: Mapping) -> float:
+    """The pruned over the unpruned network's training step, timed in turns (summary "speed")."""
+    return speed["pruned_train_step_ms"] / speed["baseline_train_step_ms"]
 
 
 def _epoch_cost_rows(epochs: list[dict], speed: Mapping) -> list[str]:
@@ -282,7 +287,7 @@ def _epoch_cost_rows(epochs: list[dict], speed: Mapping) -> list[str]:
              "live MACs at the epoch's end against the unpruned network's. Epochs minutes apart also "
              "differ by the machine's drift in speed; the pruned network's training step timed in "
              f"turns with the unpruned one's took "
-             f"{speed['pruned_train_step_ms'] / speed['baseline_train_step_ms']:.2f}x its time.", "",
+             f"{_step_ratio(speed):.2f}x its time.", "",
              "| epoch | phase | time (s) | x baseline median | live MACs fraction |",
              "| ---: | --- | ---: | ---: | ---: |"]
     for row in epochs:
